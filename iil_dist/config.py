@@ -1,0 +1,259 @@
+"""The config tree: typed dataclasses loaded from YAML, dotted CLI overrides and validation.
+
+Every field is declared once, with its type, default and a one-line description in `help`. The
+loader rejects unknown fields and bad values with a message naming the dotted field, so a run
+fails before any worker starts. The DeepSpeed JSON is derived from this tree (engine/), never
+kept as a second source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the field."""
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """Declares a field with its one-line description and optional range checks (gt, ge, lt, le)."""
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits"] = _f("digits", "dataset the scenario is built from")
+    root: str = _f("data/digits-rotation", "scenario directory written by `prepare` and read by `train`")
+    drift: Literal["none", "rotation"] = _f(
+        "rotation", "concept drift of the incremental phases (METHOD.md §2); `none` is the plain split"
+    )
+    num_phases: int = _f(10, "number of incremental phases T after the base phase", ge=1)
+    base_fraction: float = _f(0.5, "class-stratified share of the training set that forms D(0)", gt=0, lt=1)
+    test_fraction: float = _f(0.25, "class-stratified share held out as the test set (digits has none)", gt=0, lt=1)
+    split_seed: int = _f(0, "seed of the base/test split")
+    order_seed: int = _f(0, "seed of the order of the incremental phases")
+    rotation_min_deg: float = _f(20.0, "smallest rotation angle of drifted images, degrees", ge=0)
+    rotation_max_deg: float = _f(60.0, "largest rotation angle of drifted images, degrees", ge=0, le=180)
+    image_size: int = _f(16, "side in pixels the images are resized to before drift and sharding", ge=8)
+    samples_per_shard: int = _f(200, "samples per WebDataset tar shard", ge=1)
+    verify_checksums: bool = _f(True, "check every shard's sha256 against the manifest before training")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["small_cnn", "resnet18_cifar"] = _f("small_cnn", "architecture from the model registry")
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["dbd", "finetune"] = _f("dbd", "learning method of phases >= 1")
+    fused_label: bool = _f(True, "dbd: train on fused labels (teacher prediction fused with the one-hot label)")
+    dusting: bool = _f(True, "dbd: distil the teacher on Gaussian-dusted inputs")
+    consolidation: bool = _f(True, "dbd: fold the student into the deployed teacher by KC-EMA")
+    beta_inner: float = _f(1.0, "fused-label weight of the one-hot label for inner samples", ge=0)
+    beta_outer: float = _f(1.0, "fused-label weight of the one-hot label for outer samples", ge=0)
+    tau_fuse: float = _f(1.0, "temperature of the teacher prediction in the fused label", gt=0)
+    sigma: float = _f(1.0, "standard deviation of the dusting noise, in normalised input units", ge=0)
+    tau_distill: float = _f(2.0, "temperature of the dusted-input distillation", gt=0)
+    lambda_dis: float = _f(1.0, "weight of the dusted-input distillation loss", ge=0)
+    ema_alpha: float = _f(0.9, "KC-EMA decay: teacher <- alpha * teacher + (1 - alpha) * student", gt=0, lt=1)
+    ema_every_epochs: int = _f(1, "epochs between consolidations after the freezing period", ge=1)
+    freeze_epochs: int = _f(10, "epochs at the start of a phase in which the teacher is not updated", ge=0)
+    targets_from: Literal["teacher", "phase_start"] = _f(
+        "teacher", "model that gives fused-label and distillation targets: current teacher or phase-start copy"
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(0.05, "peak learning rate of SGD, cosine-decayed over each phase", gt=0)
+    momentum: float = _f(0.9, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = _f(5e-4, "SGD weight decay", ge=0)
+    grad_clip: float = _f(1.0, "gradient-norm clipping threshold; 0 disables it", ge=0)
+    batch_size: int = _f(32, "samples per step on each rank", ge=1)
+    base_epochs: int = _f(30, "epochs of phase 0 (the base model)", ge=1)
+    epochs_per_phase: int = _f(30, "epochs of each incremental phase", ge=1)
+    eval_batch_size: int = _f(256, "samples per evaluation batch on each rank", ge=1)
+
+
+@dataclass
+class DistConfig:
+    num_workers: int = _f(2, "Ray Train workers, one DeepSpeed rank each", ge=1)
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage of the student", ge=0, le=2)
+    use_gpu: bool = _f(False, "one GPU per worker, nccl and bf16; false runs fp32 on CPU with gloo")
+    cpus_per_worker: float = _f(1.0, "CPUs Ray reserves for each worker", gt=0)
+    torch_threads: int = _f(1, "intra-op threads of each worker on CPU", ge=1)
+
+
+@dataclass
+class TrackingConfig:
+    wandb_mode: Literal["offline", "online", "disabled"] = _f(
+        "offline", "wandb mode; the WANDB_MODE environment variable overrides it"
+    )
+    project: str = _f("iil-dist", "wandb project")
+    log_every: int = _f(20, "steps between console progress lines and per-step metric records", ge=1)
+
+
+@dataclass
+class Config:
+    name: str = _f("digits-rotation", "experiment name: run directory, Ray run name and wandb group")
+    run_root: str = _f("runs", "directory under which each experiment gets its run directory")
+    seed: int = _f(0, "seed of model initialisation, data order and dusting noise")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "scenario and shards"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "architecture"})
+    method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "IIL method"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimisation"})
+    dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "workers and sharding"})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "logging"})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.name
+
+
+def _check_value(path: str, tp: Any, value: Any) -> Any:
+    """Returns `value` converted to `tp`, or raises ConfigError naming `path`."""
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if get_origin(tp) in (types.UnionType, typing.Union):
+        if value is None and type(None) in get_args(tp):
+            return None
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+def _check_range(path: str, meta: typing.Mapping[str, Any], value: Any) -> None:
+    bounds = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="),
+              "lt": (lambda v, b: v < b, "<"), "le": (lambda v, b: v <= b, "<=")}  # fmt: skip
+    for key, (ok, sign) in bounds.items():
+        if key in meta and not ok(value, meta[key]):
+            raise ConfigError(f"{path}: must be {sign} {meta[key]}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown field {where}{unknown[0]}; known fields of {prefix or 'the top level'}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, path)
+        else:
+            kwargs[name] = _check_value(path, tp, value)
+            _check_range(path, fields[name].metadata, kwargs[name])
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Checks that span several fields."""
+    d, m, o = cfg.data, cfg.method, cfg.optim
+    if d.rotation_min_deg > d.rotation_max_deg:
+        raise ConfigError(
+            f"data.rotation_min_deg ({d.rotation_min_deg}) must not exceed data.rotation_max_deg ({d.rotation_max_deg})"
+        )
+    if m.name == "dbd" and m.consolidation and m.freeze_epochs >= o.epochs_per_phase:
+        raise ConfigError(
+            f"method.freeze_epochs ({m.freeze_epochs}) must be < optim.epochs_per_phase ({o.epochs_per_phase}) "
+            "or the teacher is never consolidated; set method.consolidation=false to train without KC-EMA"
+        )
+    if m.name == "dbd" and not (m.fused_label or m.dusting):
+        raise ConfigError("method: dbd needs method.fused_label or method.dusting (or both) switched on")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: must be a non-empty name without '/', got {cfg.name!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses `a.b.c=value` (value in YAML syntax) into (["a", "b", "c"], value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.field=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Builds and validates a Config from a plain mapping plus dotted overrides."""
+    raw = _deep_copy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    cfg = _build(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads a YAML recipe (safe loader), applies dotted overrides and validates the result."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    try:
+        return from_dict(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per field: dotted name, default and description (used by `iil-dist train --help-config`)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe(tp, f"{path}."))
+        else:
+            lines.append(f"{path} = {f.default!r}  # {f.metadata['help']}")
+    return lines
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    return raw

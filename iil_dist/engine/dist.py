@@ -1,0 +1,53 @@
+"""Collectives guarded so that the same code runs in one process without a process group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums `tensor` over all ranks in place and returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@torch.no_grad()
+def average_buffers_(model: nn.Module) -> None:
+    """Averages floating-point buffers (BatchNorm running statistics) over all ranks.
+
+    Data-parallel ranks update BatchNorm statistics from their own batches, so without this the
+    student, and a teacher consolidated from it, would differ between ranks. Integer buffers
+    advance in lockstep (every rank runs the same number of steps) and are left alone.
+    """
+    if not is_distributed():
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()

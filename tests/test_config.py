@@ -1,0 +1,72 @@
+"""Config loading: typed fields, dotted overrides, and errors that name the field."""
+
+from pathlib import Path
+
+import pytest
+
+from iil_dist import config
+from iil_dist.engine.deepspeed_config import deepspeed_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_embedded_default_loads_with_documented_fields():
+    """Guards against the shipped recipe drifting out of the schema or a field without a description."""
+    cfg = config.load(REPO / "configs" / "digits.yaml")
+    assert cfg.data.drift == "rotation" and cfg.dist.num_workers == 2 and cfg.method.name == "dbd"
+    lines = config.describe()
+    assert all("  # " in line and line.split("  # ", 1)[1].strip() for line in lines)
+    assert any(line.startswith("method.ema_alpha = ") for line in lines)
+
+
+def test_dotted_overrides_are_typed():
+    """Guards against overrides arriving as strings or landing in the wrong section."""
+    cfg = config.load(REPO / "configs" / "digits.yaml", ["method.ema_alpha=0.8", "dist.zero_stage=2", "data.drift=none"])
+    assert cfg.method.ema_alpha == 0.8 and cfg.dist.zero_stage == 2 and cfg.data.drift == "none"
+    assert config.from_dict({}, ["optim.lr=1"]).optim.lr == 1.0 and isinstance(config.from_dict({}, ["optim.lr=1"]).optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("raw", "overrides", "needle"),
+    [
+        ({"method": {"ema_alfa": 0.9}}, [], "method.ema_alfa"),
+        ({"bogus": 1}, [], "bogus"),
+        ({}, ["method.ema_alpha=1.5"], "method.ema_alpha"),
+        ({}, ["method.ema_alpha=0"], "method.ema_alpha"),
+        ({}, ["optim.batch_size=abc"], "optim.batch_size"),
+        ({}, ["optim.batch_size=2.5"], "optim.batch_size"),
+        ({}, ["dist.zero_stage=7"], "dist.zero_stage"),
+        ({}, ["data.drift=sideways"], "data.drift"),
+        ({}, ["method.name=sgd"], "method.name"),
+        ({}, ["method.freeze_epochs=30"], "method.freeze_epochs"),
+        ({}, ["data.rotation_min_deg=70"], "data.rotation_min_deg"),
+        ({"data": 3}, [], "data"),
+        ({}, ["data.dusting=true"], "data.dusting"),
+        ({}, ["method.dusting=maybe"], "method.dusting"),
+    ],
+)
+def test_bad_values_fail_fast_naming_the_field(raw, overrides, needle):
+    """Guards against a typo or impossible value reaching the workers."""
+    with pytest.raises(config.ConfigError, match=needle.replace(".", r"\.")):
+        config.from_dict(raw, overrides)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    """Guards against an error that hides which recipe is broken."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  ema_alpha: [1\n")
+    with pytest.raises(config.ConfigError, match="bad.yaml"):
+        config.load(bad)
+    with pytest.raises(config.ConfigError, match="missing.yaml"):
+        config.load(tmp_path / "missing.yaml")
+    bad.write_text("optim:\n  lr: -1\n")
+    with pytest.raises(config.ConfigError, match=r"bad\.yaml.*optim\.lr"):
+        config.load(bad)
+
+
+def test_deepspeed_config_is_derived_from_the_tree():
+    """Guards against the DeepSpeed JSON disagreeing with the config (batch, clipping, stage)."""
+    cfg = config.from_dict({}, ["optim.batch_size=16", "optim.grad_clip=0.5", "dist.zero_stage=1"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 1
