@@ -44,6 +44,7 @@ class DataConfig:
     image_size: int = _f(16, "side in pixels the images are resized to before drift and sharding", ge=8)
     samples_per_shard: int = _f(200, "samples per WebDataset tar shard", ge=1)
     verify_checksums: bool = _f(True, "check every shard's sha256 against the manifest before training")
+    in_memory: bool = _f(True, "decode each split once and keep it in memory (small datasets such as digits)")
 
 
 @dataclass
@@ -73,7 +74,8 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(0.05, "peak learning rate of SGD, cosine-decayed over each phase", gt=0)
+    base_lr: float = _f(0.05, "peak learning rate of phase 0 (SGD, cosine-decayed over the phase)", gt=0)
+    lr: float = _f(0.05, "peak learning rate of phases >= 1 (SGD, cosine-decayed over each phase)", gt=0)
     momentum: float = _f(0.9, "SGD momentum", ge=0, lt=1)
     weight_decay: float = _f(5e-4, "SGD weight decay", ge=0)
     grad_clip: float = _f(1.0, "gradient-norm clipping threshold; 0 disables it", ge=0)

@@ -10,7 +10,13 @@ from iil_dist.data.reader import (
     train_batches,
     train_indices,
 )
-from iil_dist.data.scenario import apply_drift, build_scenario, drift_source_positions, phase_name, split_names
+from iil_dist.data.scenario import (
+    apply_drift,
+    build_scenario,
+    drift_source_positions,
+    phase_name,
+    split_names,
+)
 from iil_dist.data.shards import read_manifest, verify_shards, write_scenario
 from iil_dist.data.sources import SOURCES, load_digits, load_source
 

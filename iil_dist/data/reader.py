@@ -37,15 +37,18 @@ class SampleDecodeError(ValueError):
 
 
 class SplitDataset:
-    """Indexed access to one split of a prepared scenario, decoded and normalised with the manifest's stats."""
+    """Indexed access to one split of a prepared scenario, normalised with the manifest's statistics."""
 
-    def __init__(self, scenario_dir: Path, split: str, manifest: dict | None = None, max_open_shards: int = 64):
+    def __init__(
+        self, scenario_dir: Path, split: str, manifest: dict | None = None, max_open_shards: int = 64
+    ):
         """Open `split` of the scenario in `scenario_dir`; the manifest is read from there unless given."""
         self.scenario_dir = Path(scenario_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.scenario_dir)
         if split not in self.manifest["splits"]:
             raise ValueError(
-                f"split {split!r} is not in scenario {self.scenario_dir}; it has {list(self.manifest['splits'])}"
+                f"split {split!r} is not in scenario {self.scenario_dir}; "
+                f"it has {list(self.manifest['splits'])}"
             )
         self.split = split
         entry = self.manifest["splits"][split]
@@ -73,9 +76,11 @@ class SplitDataset:
         return self._num_samples
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        """Sample `i` as a float32 (C, H, W) tensor normalised with the manifest's mean and std, and its label."""
+        """Sample `i`: float32 (C, H, W), normalised with the manifest's mean and std, and its label."""
         if not -self._num_samples <= i < self._num_samples:
-            raise IndexError(f"index {i} out of range for split {self.split!r} of {self._num_samples} samples")
+            raise IndexError(
+                f"index {i} out of range for split {self.split!r} of {self._num_samples} samples"
+            )
         i %= self._num_samples
         shard_id = int(np.searchsorted(self._shard_ends, i, side="right"))
         inner = i - (int(self._shard_ends[shard_id - 1]) if shard_id else 0)
@@ -183,7 +188,9 @@ def train_indices(
     return [share[b * batch_size : (b + 1) * batch_size] for b in range(num_batches)]
 
 
-def eval_indices(num_samples: int, *, rank: int, world_size: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def eval_indices(
+    num_samples: int, *, rank: int, world_size: int, batch_size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(indices, mask) of each of this rank's evaluation batches; masked-out positions are padding."""
     _check_ranks(rank, world_size, batch_size)
     num_batches = num_eval_batches(num_samples, world_size, batch_size)
@@ -240,8 +247,22 @@ def train_batches(
 def eval_batches(
     dataset: SplitDataset, *, rank: int, world_size: int, batch_size: int, num_workers: int = 0
 ) -> Iterator[Batch]:
-    """This rank's evaluation batches (x, y, mask); summed over ranks, the masked samples are each sample once."""
+    """This rank's evaluation batches (x, y, mask); over all ranks, mask True marks every sample once."""
     batches = eval_indices(len(dataset), rank=rank, world_size=world_size, batch_size=batch_size)
     index_batches = [indices for indices, _ in batches]
     for (_, mask), (x, y) in zip(batches, _load(dataset, index_batches, num_workers), strict=True):
         yield x, y, torch.from_numpy(mask)
+
+
+class InMemorySplit:
+    """A split decoded once and kept in memory: indexed like SplitDataset, for small datasets."""
+
+    def __init__(self, dataset: SplitDataset) -> None:
+        self.split = dataset.split
+        self.images, self.labels = dataset.load_all()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])

@@ -138,7 +138,9 @@ def derived_seed(seed: int, split: str) -> int:
 def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
     """Resize every image (N, H, W[, C]) uint8 to image_size x image_size with PIL bilinear."""
     size = (image_size, image_size)
-    return np.stack([np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR)) for img in images])
+    return np.stack(
+        [np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR)) for img in images]
+    )
 
 
 def _rotate(image: np.ndarray, angle_deg: float) -> np.ndarray:
@@ -202,7 +204,7 @@ def apply_drift(
 
 
 def drift_source_positions(num_images: int, split: str, *, drift: str) -> np.ndarray:
-    """For each output image of `apply_drift`, its position in the input: labels[positions] labels the output."""
+    """Input position of each output image of `apply_drift`: labels[positions] labels the output."""
     if drift not in DRIFTS:
         raise ValueError(f"data.drift must be one of {list(DRIFTS)}, got {drift!r}")
     positions = np.arange(num_images, dtype=np.int64)

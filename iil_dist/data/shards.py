@@ -135,7 +135,9 @@ def write_scenario(
         split_labels = labels[indices][drift_source_positions(len(indices), split, drift=drift)]
         if split == "base":
             mean, std = _channel_stats(split_images)
-        splits[split] = _write_split(out_dir, split, split_images, split_labels, num_classes, samples_per_shard)
+        splits[split] = _write_split(
+            out_dir, split, split_images, split_labels, num_classes, samples_per_shard
+        )
         splits[split]["num_source_samples"] = len(indices)
 
     manifest = {
@@ -189,7 +191,11 @@ def _write_split(
         name = f"{split}-{shard_id:06d}.tar"
         stop = min(start + samples_per_shard, len(images))
         samples = (
-            {"__key__": sample_key(split, i), "cls": str(int(labels[i])).encode("ascii"), "png": _encode_png(images[i])}
+            {
+                "__key__": sample_key(split, i),
+                "cls": str(int(labels[i])).encode("ascii"),
+                "png": _encode_png(images[i]),
+            }
             for i in range(start, stop)
         )
         _write_tar(split_dir / name, samples)
@@ -201,7 +207,11 @@ def _write_split(
         "wids_version": 1,
         "name": split,
         "shardlist": [
-            {"url": Path(s["file"]).name, "nsamples": s["num_samples"], "filesize": (out_dir / s["file"]).stat().st_size}
+            {
+                "url": Path(s["file"]).name,
+                "nsamples": s["num_samples"],
+                "filesize": (out_dir / s["file"]).stat().st_size,
+            }
             for s in shards
         ],
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -51,3 +53,26 @@ def average_buffers_(model: nn.Module) -> None:
     for b in buffers:
         b.copy_(flat[offset : offset + b.numel()].view_as(b))
         offset += b.numel()
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of the model's state: equal fingerprints mean bitwise-equal weights."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_on_all_ranks(model: nn.Module, what: str) -> str:
+    """Returns the model's fingerprint after checking that every rank holds the same weights."""
+    digest = fingerprint(model)
+    if is_distributed():
+        value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64)
+        low, high = value.clone(), value.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if low.item() != high.item():
+            raise RuntimeError(f"{what} differs between ranks (rank {rank()} has fingerprint {digest})")
+    return digest

@@ -20,10 +20,17 @@ import torch
 from torch import nn
 
 from iil_dist.config import Config, to_dict
-from iil_dist.data.reader import SplitDataset, num_train_batches, train_batches
+from iil_dist.data.reader import InMemorySplit, SplitDataset, num_train_batches, train_batches
 from iil_dist.data.shards import read_manifest, verify_shards
 from iil_dist.engine.deepspeed_config import deepspeed_config
-from iil_dist.engine.dist import all_reduce_sum, average_buffers_, barrier, rank, world_size
+from iil_dist.engine.dist import (
+    all_reduce_sum,
+    average_buffers_,
+    barrier,
+    check_same_on_all_ranks,
+    rank,
+    world_size,
+)
 from iil_dist.engine.evaluate import accuracies
 from iil_dist.engine.io import atomic_torch_save, atomic_write_json
 from iil_dist.method.dbd import base_losses, dbd_losses
@@ -94,7 +101,9 @@ class PhaseRunner:
         self._check_scenario()
         self.num_classes = int(self.manifest["num_classes"])
         self.in_channels = int(self.manifest["channels"])
-        self.teacher = self._new_model().to(self.device)
+        # the teacher is frozen and always in eval mode: its BatchNorm uses, and never updates,
+        # the running statistics, so its targets are the deployed model's function
+        self.teacher = self._new_model().to(self.device).eval()
         self.teacher.requires_grad_(False)
         self.global_step = 0
         self.num_consolidations = 0
@@ -113,6 +122,10 @@ class PhaseRunner:
     def _new_model(self) -> nn.Module:
         return build_model(self.cfg.model.name, num_classes=self.num_classes, in_channels=self.in_channels)
 
+    def _open(self, split: str) -> SplitDataset | InMemorySplit:
+        dataset = SplitDataset(self.scenario_dir, split, self.manifest)
+        return InMemorySplit(dataset) if self.cfg.data.in_memory else dataset
+
     def _count_steps(self) -> int:
         total = 0
         for phase in range(self.cfg.data.num_phases + 1):
@@ -124,12 +137,11 @@ class PhaseRunner:
     def run(self) -> dict[str, Any]:
         """Runs phases 0..T and returns the results (also written to results.json by rank 0)."""
         start = time.perf_counter()
-        test = SplitDataset(self.scenario_dir, "test", self.manifest)
-        base = SplitDataset(self.scenario_dir, "base", self.manifest)
+        test, base = self._open("test"), self._open("base")
         phases: list[dict[str, Any]] = []
         try:
             for phase in range(self.cfg.data.num_phases + 1):
-                student, consolidations = self._train_phase(phase)
+                student, consolidations = self._train_phase(phase, base)
                 record = self._evaluate(phase, student, test, base, phases[0] if phases else None)
                 record["num_consolidations"] = consolidations
                 phases.append(record)
@@ -153,13 +165,13 @@ class PhaseRunner:
         finally:
             self.tracker.close()
 
-    def _train_phase(self, phase: int) -> tuple[nn.Module, int]:
+    def _train_phase(self, phase: int, base: SplitDataset | InMemorySplit) -> tuple[nn.Module, int]:
         """Trains one phase's student; returns it (plain module) and the phase's KC-EMA count."""
         import deepspeed
 
         cfg = self.cfg
         epochs = cfg.optim.base_epochs if phase == 0 else cfg.optim.epochs_per_phase
-        dataset = SplitDataset(self.scenario_dir, split_name(phase), self.manifest)
+        dataset = base if phase == 0 else self._open(split_name(phase))
         steps_per_epoch = num_train_batches(len(dataset), world_size(), cfg.optim.batch_size)
 
         # the student starts from the teacher (phase >= 1) or from a seeded initialisation (phase 0);
@@ -171,7 +183,7 @@ class PhaseRunner:
         student.to(self.device)
         target = self.teacher if cfg.method.targets_from == "teacher" else copy.deepcopy(self.teacher)
         optimizer = torch.optim.SGD(
-            student.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+            student.parameters(), lr=cfg.optim.base_lr if phase == 0 else cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
         total = epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
@@ -268,7 +280,12 @@ class PhaseRunner:
         models = {"teacher": self.teacher, "student": student}
         test_acc = accuracies(models, test, bs, self.device)
         base_acc = accuracies(models, base, bs, self.device)
-        record: dict[str, Any] = {"phase": phase}
+        record: dict[str, Any] = {
+            "phase": phase,
+            # both models must be bitwise identical on every rank; the check raises otherwise
+            "teacher_fingerprint": check_same_on_all_ranks(self.teacher, f"teacher after phase {phase}"),
+            "student_fingerprint": check_same_on_all_ranks(student, f"student after phase {phase}"),
+        }
         for name in models:
             # PP and F are measured against the base model M_0, the same for teacher and student
             ref_test = first["teacher"]["test_acc"] if first else test_acc[name]
@@ -298,7 +315,7 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
     for key, value in record.items():
         if isinstance(value, dict):
             out.update({f"{key}/{k}": v for k, v in value.items()})
-        elif key != "phase":
+        elif key != "phase" and not key.endswith("fingerprint"):
             out[key] = value
     return out
 

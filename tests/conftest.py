@@ -1,0 +1,26 @@
+"""Shared fixtures: environment for CPU DeepSpeed and offline wandb, and a tiny prepared scenario."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Digits with rotation drift in 2 phases, written once per test session."""
+    from iil_dist.data.shards import write_scenario
+
+    root = tmp_path_factory.mktemp("scenario") / "digits-tiny"
+    write_scenario(
+        root, source="digits", num_phases=2, base_fraction=0.5, test_fraction=0.25, split_seed=0, order_seed=0,
+        drift="rotation", rotation_min_deg=20.0, rotation_max_deg=60.0, image_size=16, samples_per_shard=150,
+    )  # fmt: skip
+    return root
