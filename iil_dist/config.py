@@ -68,7 +68,8 @@ class MethodConfig:
     ema_every_epochs: int = _f(1, "epochs between consolidations after the freezing period", ge=1)
     freeze_epochs: int = _f(10, "epochs at the start of a phase in which the teacher is not updated", ge=0)
     targets_from: Literal["teacher", "phase_start"] = _f(
-        "teacher", "model that gives fused-label and distillation targets: current teacher or phase-start copy"
+        "teacher",
+        "model that gives fused-label and distillation targets: current teacher or phase-start copy",
     )
 
 

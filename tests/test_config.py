@@ -21,9 +21,13 @@ def test_embedded_default_loads_with_documented_fields():
 
 def test_dotted_overrides_are_typed():
     """Guards against overrides arriving as strings or landing in the wrong section."""
-    cfg = config.load(REPO / "configs" / "digits.yaml", ["method.ema_alpha=0.8", "dist.zero_stage=2", "data.drift=none"])
+    cfg = config.load(
+        REPO / "configs" / "digits.yaml", ["method.ema_alpha=0.8", "dist.zero_stage=2", "data.drift=none"]
+    )
     assert cfg.method.ema_alpha == 0.8 and cfg.dist.zero_stage == 2 and cfg.data.drift == "none"
-    assert config.from_dict({}, ["optim.lr=1"]).optim.lr == 1.0 and isinstance(config.from_dict({}, ["optim.lr=1"]).optim.lr, float)
+    assert config.from_dict({}, ["optim.lr=1"]).optim.lr == 1.0 and isinstance(
+        config.from_dict({}, ["optim.lr=1"]).optim.lr, float
+    )
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,9 @@ def test_fused_label_beta_zero_is_teacher_and_large_beta_is_onehot():
     """Guards against the limits of the fusion going wrong."""
     logits = torch.randn(5, 4)
     labels = torch.randint(0, 4, (5,))
-    torch.testing.assert_close(fused_labels(logits, labels, beta_inner=0, beta_outer=0, tau=2.0), F.softmax(logits / 2, 1))
+    torch.testing.assert_close(
+        fused_labels(logits, labels, beta_inner=0, beta_outer=0, tau=2.0), F.softmax(logits / 2, 1)
+    )
     big = fused_labels(logits, labels, beta_inner=1e6, beta_outer=1e6, tau=1.0)
     torch.testing.assert_close(big, F.one_hot(labels, 4).float(), atol=1e-5, rtol=0)
 
@@ -46,7 +48,9 @@ def test_fused_label_beta_zero_is_teacher_and_large_beta_is_onehot():
 def test_soft_cross_entropy_equals_cross_entropy_on_onehot():
     """Guards against a sign or reduction error in the fused-label loss."""
     logits, labels = torch.randn(6, 5), torch.randint(0, 5, (6,))
-    torch.testing.assert_close(soft_cross_entropy(logits, F.one_hot(labels, 5).float()), F.cross_entropy(logits, labels))
+    torch.testing.assert_close(
+        soft_cross_entropy(logits, F.one_hot(labels, 5).float()), F.cross_entropy(logits, labels)
+    )
 
 
 def test_distillation_kl_zero_on_equal_logits_and_positive_otherwise():
@@ -146,7 +150,9 @@ def test_ema_moves_one_minus_alpha_power_k_towards_fixed_student():
     torch.testing.assert_close(t[0], torch.full((3,), 1 - 0.9**4))
 
 
-@pytest.mark.parametrize(("epochs", "freeze", "every", "want"), [(30, 10, 1, 20), (30, 10, 5, 4), (5, 0, 1, 5), (3, 3, 1, 0)])
+@pytest.mark.parametrize(
+    ("epochs", "freeze", "every", "want"), [(30, 10, 1, 20), (30, 10, 5, 4), (5, 0, 1, 5), (3, 3, 1, 0)]
+)
 def test_consolidation_schedule(epochs, freeze, every, want):
     """Guards against off-by-one errors in the freezing period and interval."""
     due = [e for e in range(1, epochs + 1) if consolidation_due(e, freeze_epochs=freeze, every_epochs=every)]

@@ -80,9 +80,7 @@ def test_train_order_depends_on_epoch() -> None:
 
     assert np.array_equal(share(0, 1), share(0, 1))
     assert not np.array_equal(share(0, 1), share(1, 1))
-    dropped = [
-        set(range(101)) - set(np.concatenate([share(e, r) for r in range(3)]).tolist()) for e in range(4)
-    ]
+    dropped = [set(range(101)) - set(np.concatenate([share(e, r) for r in range(3)]).tolist()) for e in range(4)]
     assert all(len(d) == 101 % 3 for d in dropped) and len({frozenset(d) for d in dropped}) > 1
 
 
@@ -92,8 +90,7 @@ def test_eval_covers_each_sample_once(num_samples: int, world_size: int) -> None
     """Guards against evaluation counting a sample twice or never (wrong PP / F), or unequal rank batches."""
     batch_size = 8
     per_rank = [
-        eval_indices(num_samples, rank=r, world_size=world_size, batch_size=batch_size)
-        for r in range(world_size)
+        eval_indices(num_samples, rank=r, world_size=world_size, batch_size=batch_size) for r in range(world_size)
     ]
     expected = num_eval_batches(num_samples, world_size, batch_size)
     assert all(len(batches) == expected for batches in per_rank)

@@ -60,9 +60,7 @@ def _tar_samples(path: Path) -> list[tuple[str, int]]:
     """(key, label) of every sample in a shard, from its .cls members."""
     with tarfile.open(path) as tar:
         return [
-            (m.name.split(".")[0], int(tar.extractfile(m).read()))
-            for m in tar.getmembers()
-            if m.name.endswith(".cls")
+            (m.name.split(".")[0], int(tar.extractfile(m).read())) for m in tar.getmembers() if m.name.endswith(".cls")
         ]
 
 

@@ -39,16 +39,13 @@ class SampleDecodeError(ValueError):
 class SplitDataset:
     """Indexed access to one split of a prepared scenario, normalised with the manifest's statistics."""
 
-    def __init__(
-        self, scenario_dir: Path, split: str, manifest: dict | None = None, max_open_shards: int = 64
-    ):
+    def __init__(self, scenario_dir: Path, split: str, manifest: dict | None = None, max_open_shards: int = 64):
         """Open `split` of the scenario in `scenario_dir`; the manifest is read from there unless given."""
         self.scenario_dir = Path(scenario_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.scenario_dir)
         if split not in self.manifest["splits"]:
             raise ValueError(
-                f"split {split!r} is not in scenario {self.scenario_dir}; "
-                f"it has {list(self.manifest['splits'])}"
+                f"split {split!r} is not in scenario {self.scenario_dir}; it has {list(self.manifest['splits'])}"
             )
         self.split = split
         entry = self.manifest["splits"][split]
@@ -78,9 +75,7 @@ class SplitDataset:
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         """Sample `i`: float32 (C, H, W), normalised with the manifest's mean and std, and its label."""
         if not -self._num_samples <= i < self._num_samples:
-            raise IndexError(
-                f"index {i} out of range for split {self.split!r} of {self._num_samples} samples"
-            )
+            raise IndexError(f"index {i} out of range for split {self.split!r} of {self._num_samples} samples")
         i %= self._num_samples
         shard_id = int(np.searchsorted(self._shard_ends, i, side="right"))
         inner = i - (int(self._shard_ends[shard_id - 1]) if shard_id else 0)
@@ -121,9 +116,7 @@ class SplitDataset:
             raise ValueError(f"cannot index shard {path}: {exc!r}") from exc
         if len(tar) != self._shard_sizes[shard_id]:
             tar.close()
-            raise ValueError(
-                f"shard {path} holds {len(tar)} samples, the manifest says {self._shard_sizes[shard_id]}"
-            )
+            raise ValueError(f"shard {path} holds {len(tar)} samples, the manifest says {self._shard_sizes[shard_id]}")
         self._open[shard_id] = tar
         # bounded so that a split of thousands of shards does not exhaust file descriptors
         if len(self._open) > self._max_open_shards:

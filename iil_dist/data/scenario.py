@@ -138,9 +138,7 @@ def derived_seed(seed: int, split: str) -> int:
 def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
     """Resize every image (N, H, W[, C]) uint8 to image_size x image_size with PIL bilinear."""
     size = (image_size, image_size)
-    return np.stack(
-        [np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR)) for img in images]
-    )
+    return np.stack([np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR)) for img in images])
 
 
 def _rotate(image: np.ndarray, angle_deg: float) -> np.ndarray:

@@ -135,9 +135,7 @@ def write_scenario(
         split_labels = labels[indices][drift_source_positions(len(indices), split, drift=drift)]
         if split == "base":
             mean, std = _channel_stats(split_images)
-        splits[split] = _write_split(
-            out_dir, split, split_images, split_labels, num_classes, samples_per_shard
-        )
+        splits[split] = _write_split(out_dir, split, split_images, split_labels, num_classes, samples_per_shard)
         splits[split]["num_source_samples"] = len(indices)
 
     manifest = {
@@ -199,9 +197,7 @@ def _write_split(
             for i in range(start, stop)
         )
         _write_tar(split_dir / name, samples)
-        shards.append(
-            {"file": f"{split}/{name}", "num_samples": stop - start, "sha256": file_sha256(split_dir / name)}
-        )
+        shards.append({"file": f"{split}/{name}", "num_samples": stop - start, "sha256": file_sha256(split_dir / name)})
 
     wids_index = {
         "wids_version": 1,
@@ -228,9 +224,7 @@ def _write_split(
 def _write_tar(path: Path, samples: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as stream:
-        writer = wds.TarWriter(
-            stream, user=_TAR_OWNER, group=_TAR_OWNER, mode=0o444, encoder=False, mtime=_TAR_MTIME
-        )
+        writer = wds.TarWriter(stream, user=_TAR_OWNER, group=_TAR_OWNER, mode=0o444, encoder=False, mtime=_TAR_MTIME)
         for sample in samples:
             writer.write(sample)
         writer.close()

@@ -52,7 +52,9 @@ def expected_consolidations(cfg: Config) -> int:
     m = cfg.method
     if m.name != "dbd" or not m.consolidation:
         return 0
-    return num_consolidations(cfg.optim.epochs_per_phase, freeze_epochs=m.freeze_epochs, every_epochs=m.ema_every_epochs)
+    return num_consolidations(
+        cfg.optim.epochs_per_phase, freeze_epochs=m.freeze_epochs, every_epochs=m.ema_every_epochs
+    )
 
 
 def teacher_is_deployed(cfg: Config, phase: int) -> bool:
@@ -183,12 +185,18 @@ class PhaseRunner:
         student.to(self.device)
         target = self.teacher if cfg.method.targets_from == "teacher" else copy.deepcopy(self.teacher)
         optimizer = torch.optim.SGD(
-            student.parameters(), lr=cfg.optim.base_lr if phase == 0 else cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+            student.parameters(),
+            lr=cfg.optim.base_lr if phase == 0 else cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
         )
         total = epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
         engine, _, _, _ = deepspeed.initialize(
-            model=student, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size())
+            model=student,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, world_size()),
         )
         noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + 104729 * phase + rank())
         use_dbd = phase > 0 and cfg.method.name == "dbd"
@@ -208,7 +216,10 @@ class PhaseRunner:
             )  # fmt: skip
             wait_start = time.perf_counter()
             for step_in_epoch, (inputs, labels, _) in enumerate(batches, start=1):
-                inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                inputs, labels = (
+                    inputs.to(self.device, non_blocking=True),
+                    labels.to(self.device, non_blocking=True),
+                )
                 wait_s = time.perf_counter() - wait_start
 
                 # losses: targets from the frozen teacher (or phase-start copy), student forward
@@ -230,14 +241,20 @@ class PhaseRunner:
                 wait_start = time.perf_counter()
 
             # consolidation: KC-EMA after the freezing period, every ema_every_epochs epochs
-            if use_dbd and cfg.method.consolidation and consolidation_due(
-                epoch, freeze_epochs=cfg.method.freeze_epochs, every_epochs=cfg.method.ema_every_epochs
+            if (
+                use_dbd
+                and cfg.method.consolidation
+                and consolidation_due(
+                    epoch, freeze_epochs=cfg.method.freeze_epochs, every_epochs=cfg.method.ema_every_epochs
+                )
             ):
                 average_buffers_(engine.module)
                 consolidate_(self.teacher, engine.module, cfg.method.ema_alpha)
                 consolidations += 1
                 self.num_consolidations += 1
-                self.tracker.log({"ema/count": self.num_consolidations, "phase": phase, "epoch": epoch}, self.global_step)
+                self.tracker.log(
+                    {"ema/count": self.num_consolidations, "phase": phase, "epoch": epoch}, self.global_step
+                )
 
         # end of phase: make the student identical on every rank, then deploy
         average_buffers_(engine.module)
@@ -274,7 +291,12 @@ class PhaseRunner:
         )
 
     def _evaluate(
-        self, phase: int, student: nn.Module, test: SplitDataset, base: SplitDataset, first: dict[str, Any] | None
+        self,
+        phase: int,
+        student: nn.Module,
+        test: SplitDataset,
+        base: SplitDataset,
+        first: dict[str, Any] | None,
     ) -> dict[str, Any]:
         bs = self.cfg.optim.eval_batch_size
         models = {"teacher": self.teacher, "student": student}
@@ -322,8 +344,13 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
 
 def format_table(results: dict[str, Any]) -> str:
     """The per-phase table printed at the end of a run."""
-    head = f"{'phase':>5} | {'teacher test':>12} {'base':>6} {'PP':>7} {'F':>7} | {'student test':>12} {'base':>6} {'PP':>7} {'F':>7}"
-    lines = [f"method: {results['method']}  (accuracy in %, PP/F in points vs the base model)", head, "-" * len(head)]
+    cols = f"{'base':>6} {'PP':>7} {'F':>7}"
+    head = f"{'phase':>5} | {'teacher test':>12} {cols} | {'student test':>12} {cols}"
+    lines = [
+        f"method: {results['method']}  (accuracy in %, PP/F in points vs the base model)",
+        head,
+        "-" * len(head),
+    ]
     for p in results["phases"]:
         t, s = p["teacher"], p["student"]
         lines.append(

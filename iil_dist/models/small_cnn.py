@@ -20,9 +20,7 @@ class SmallCNN(nn.Module):
     input of at least 8x8 work, so the same model also runs on 32x32 images.
     """
 
-    def __init__(
-        self, *, num_classes: int, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128)
-    ):
+    def __init__(self, *, num_classes: int, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128)):
         super().__init__()
         self.features = nn.Sequential(
             _conv_bn_relu(in_channels, widths[0]),

@@ -79,7 +79,11 @@ def launch(cfg: Config) -> dict[str, Any]:
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
         started_here = address is None
-        log.info("ray: %s cluster, %s", "local" if started_here else f"cluster at {address}", ray.cluster_resources())
+        log.info(
+            "ray: %s cluster, %s",
+            "local" if started_here else f"cluster at {address}",
+            ray.cluster_resources(),
+        )
     try:
         trainer = TorchTrainer(
             train_loop_per_worker=worker_entry,

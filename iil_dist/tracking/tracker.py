@@ -54,7 +54,9 @@ class Tracker:
 
     def log(self, record: dict[str, Any], step: int) -> None:
         """Writes one record (flat keys) to metrics.jsonl and wandb at the global step."""
-        self._jsonl.write(json.dumps({"step": step, "time_s": round(time.monotonic() - self._start, 3), **record}) + "\n")
+        self._jsonl.write(
+            json.dumps({"step": step, "time_s": round(time.monotonic() - self._start, 3), **record}) + "\n"
+        )
         if self._run is not None:
             self._run.log(record, step=step)
 
