@@ -76,7 +76,7 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     base_lr: float = _f(0.05, "peak learning rate of phase 0 (SGD, cosine-decayed over the phase)", gt=0)
-    lr: float = _f(0.05, "peak learning rate of phases >= 1 (SGD, cosine-decayed over each phase)", gt=0)
+    lr: float = _f(0.02, "peak learning rate of phases >= 1 (SGD, cosine-decayed over each phase)", gt=0)
     momentum: float = _f(0.9, "SGD momentum", ge=0, lt=1)
     weight_decay: float = _f(5e-4, "SGD weight decay", ge=0)
     grad_clip: float = _f(1.0, "gradient-norm clipping threshold; 0 disables it", ge=0)
@@ -101,7 +101,10 @@ class TrackingConfig:
         "offline", "wandb mode; the WANDB_MODE environment variable overrides it"
     )
     project: str = _f("iil-dist", "wandb project")
-    log_every: int = _f(20, "steps between console progress lines and per-step metric records", ge=1)
+    log_every: int = _f(
+        10, "steps per metric record (wandb, metrics.jsonl): loss terms averaged over the window and ranks", ge=1
+    )
+    print_every: int = _f(100, "steps between console progress lines; a multiple of tracking.log_every", ge=1)
 
 
 @dataclass
@@ -196,6 +199,12 @@ def _validate(cfg: Config) -> None:
         )
     if m.name == "dbd" and not (m.fused_label or m.dusting):
         raise ConfigError("method: dbd needs method.fused_label or method.dusting (or both) switched on")
+    t = cfg.tracking
+    if t.print_every % t.log_every:
+        raise ConfigError(
+            f"tracking.print_every ({t.print_every}) must be a multiple of tracking.log_every ({t.log_every}): "
+            "a console line shows the metric record of its step"
+        )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty name without '/', got {cfg.name!r}")
 

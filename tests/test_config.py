@@ -47,6 +47,7 @@ def test_dotted_overrides_are_typed():
         ({"data": 3}, [], "data"),
         ({}, ["data.dusting=true"], "data.dusting"),
         ({}, ["method.dusting=maybe"], "method.dusting"),
+        ({}, ["tracking.log_every=3", "tracking.print_every=10"], "tracking.print_every"),
     ],
 )
 def test_bad_values_fail_fast_naming_the_field(raw, overrides, needle):

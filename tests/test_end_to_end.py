@@ -1,6 +1,7 @@
 """End to end: `iil-dist train` on a real local Ray cluster with 2 DeepSpeed workers (gloo, fp32)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
     "data.num_phases=2", "optim.base_epochs=3", "optim.epochs_per_phase=4", "method.freeze_epochs=1",
-    "method.ema_every_epochs=1", "tracking.log_every=5", "optim.batch_size=32",
+    "method.ema_every_epochs=1", "tracking.log_every=5", "tracking.print_every=10",
+    "optim.batch_size=32",
 ]  # fmt: skip
 
 
@@ -69,6 +71,16 @@ def test_dbd_two_workers_zero1(tmp_path, tiny_scenario):
     train = [r for r in records if "train/loss" in r]
     assert train and all({"train/lr", "time/img_per_s", "ema/count"} <= set(r) for r in train)
     assert any("train/fl" in r and "train/dis" in r for r in train)
+    assert all(r["train/grad_norm"] > 0 for r in train)
+    # records every log_every steps, plus the partial window that ends each phase
+    assert [r["step"] for r in train if r["phase"] == 0] == [5, 10, 15, 20, 25, 30, 33]
+
+    # the console: one progress line every print_every steps, with phase, epoch, step, losses, img/s, ETA
+    rank0_log = (run_dir / "logs" / "rank0.log").read_text()
+    progress = [line for line in rank0_log.splitlines() if " eta " in line]
+    assert len(progress) == results["phases"][-1]["global_step"] // 10
+    assert re.search(r"phase 1/2 epoch \d+/4 step \d+/\d+ \| dis [\d.]+ fl [\d.]+ loss [\d.]+ gnorm", rank0_log)
+    assert re.search(r"img/s .* \| step 20/\d+ \| eta \d+:\d\d:\d\d", rank0_log)
 
     # wandb offline run on rank 0 only: one run directory with a non-empty run file
     wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -66,7 +66,9 @@ def test_train_shares_balanced_and_disjoint(num_samples: int, world_size: int) -
     expected = num_train_batches(num_samples, world_size, batch_size)
     assert all(len(batches) == expected for batches in shares)
     for batches in shares:
-        assert all(len(b) == batch_size for b in batches[:-1]) and 0 < len(batches[-1]) <= batch_size
+        sizes = [len(b) for b in batches]
+        assert max(sizes) <= batch_size and max(sizes) - min(sizes) <= 1 and min(sizes) > 0
+    assert len({tuple(len(b) for b in batches) for batches in shares}) == 1  # same sizes on every rank
     flat = np.concatenate([np.concatenate(batches) for batches in shares])
     assert len(set(flat.tolist())) == len(flat) == (num_samples // world_size) * world_size
     assert flat.min() >= 0 and flat.max() < num_samples

@@ -170,7 +170,11 @@ def num_eval_batches(num_samples: int, world_size: int, batch_size: int) -> int:
 def train_indices(
     num_samples: int, *, epoch: int, seed: int, rank: int, world_size: int, batch_size: int
 ) -> list[np.ndarray]:
-    """The sample indices of each of this rank's training batches in `epoch`."""
+    """The sample indices of each of this rank's training batches in `epoch`.
+
+    Every rank gets the same number of batches, each of at most `batch_size` samples and sizes that
+    differ by at most one; the batch sizes are the same on every rank.
+    """
     _check_ranks(rank, world_size, batch_size)
     num_batches = num_train_batches(num_samples, world_size, batch_size)
     if seed < 0 or epoch < 0:
@@ -178,7 +182,10 @@ def train_indices(
     # every rank draws the same permutation, so the strided shares are disjoint without communication
     permutation = np.random.default_rng([seed, epoch]).permutation(num_samples)
     share = permutation[rank : (num_samples // world_size) * world_size : world_size]
-    return [share[b * batch_size : (b + 1) * batch_size] for b in range(num_batches)]
+    # batches of near-equal size (they differ by at most one sample) rather than full batches plus a
+    # remainder: a remainder of one or two samples gives a noisy step and poisons BatchNorm statistics,
+    # which matters when a phase brings only a few dozen samples per rank
+    return np.array_split(share, num_batches)
 
 
 def eval_indices(

@@ -69,7 +69,9 @@ def check_same_on_all_ranks(model: nn.Module, what: str) -> str:
     """Returns the model's fingerprint after checking that every rank holds the same weights."""
     digest = fingerprint(model)
     if is_distributed():
-        value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64)
+        # on the model's device: nccl reduces only device tensors
+        device = next(iter(model.state_dict().values())).device
+        value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=device)
         low, high = value.clone(), value.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)

@@ -64,7 +64,7 @@ def teacher_is_deployed(cfg: Config, phase: int) -> bool:
 
 @dataclass
 class _StepMeter:
-    """Sums loss terms between progress lines; reduced over ranks only when a line is printed."""
+    """Sums loss terms over a window of steps; reduced over ranks only when the window is recorded."""
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
@@ -82,7 +82,8 @@ class _StepMeter:
     def reduce(self) -> dict[str, float]:
         """Mean of each loss term over steps and ranks; a collective, so every rank calls it."""
         keys = sorted(self.sums)
-        flat = torch.stack([torch.as_tensor(self.sums[k]).cpu() for k in keys]) / max(self.steps, 1)
+        # the sums stay on the training device: nccl reduces only device tensors
+        flat = torch.stack([self.sums[k] for k in keys]) / max(self.steps, 1)
         all_reduce_sum(flat)
         return {k: v / world_size() for k, v in zip(keys, flat.tolist(), strict=True)}
 
@@ -146,6 +147,7 @@ class PhaseRunner:
                 student, consolidations = self._train_phase(phase, base)
                 record = self._evaluate(phase, student, test, base, phases[0] if phases else None)
                 record["num_consolidations"] = consolidations
+                record["global_step"] = self.global_step
                 phases.append(record)
                 self._log_phase(record)
                 self.report({"phase": phase, **_flatten(record)})
@@ -169,35 +171,12 @@ class PhaseRunner:
 
     def _train_phase(self, phase: int, base: SplitDataset | InMemorySplit) -> tuple[nn.Module, int]:
         """Trains one phase's student; returns it (plain module) and the phase's KC-EMA count."""
-        import deepspeed
-
         cfg = self.cfg
         epochs = cfg.optim.base_epochs if phase == 0 else cfg.optim.epochs_per_phase
         dataset = base if phase == 0 else self._open(split_name(phase))
         steps_per_epoch = num_train_batches(len(dataset), world_size(), cfg.optim.batch_size)
-
-        # the student starts from the teacher (phase >= 1) or from a seeded initialisation (phase 0);
-        # every rank builds the same weights and DeepSpeed broadcasts rank 0's anyway
-        torch.manual_seed(cfg.seed + 1000 * phase)
-        student = self._new_model()
-        if phase > 0:
-            student.load_state_dict(self.teacher.state_dict())
-        student.to(self.device)
+        engine = self._build_student(phase, epochs * steps_per_epoch)
         target = self.teacher if cfg.method.targets_from == "teacher" else copy.deepcopy(self.teacher)
-        optimizer = torch.optim.SGD(
-            student.parameters(),
-            lr=cfg.optim.base_lr if phase == 0 else cfg.optim.lr,
-            momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
-        )
-        total = epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-        engine, _, _, _ = deepspeed.initialize(
-            model=student,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, world_size()),
-        )
         noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + 104729 * phase + rank())
         use_dbd = phase > 0 and cfg.method.name == "dbd"
         consolidations = 0
@@ -207,9 +186,9 @@ class PhaseRunner:
             split_name(phase), len(dataset), epochs, steps_per_epoch, cfg.dist.zero_stage, world_size(),
         )  # fmt: skip
 
+        meter = _StepMeter()
         for epoch in range(1, epochs + 1):
             engine.train()
-            meter = _StepMeter()
             batches = train_batches(
                 dataset, epoch=epoch, seed=cfg.seed + 1000 * phase, rank=rank(),
                 world_size=world_size(), batch_size=cfg.optim.batch_size,
@@ -230,13 +209,17 @@ class PhaseRunner:
 
                 # backward and optimizer step (DeepSpeed all-reduces and clips the gradients)
                 engine.backward(losses["loss"])
+                stage0_norm = _grad_norm(engine.module) if cfg.dist.zero_stage == 0 else None
                 engine.step()
                 self.global_step += 1
+                norm = stage0_norm if stage0_norm is not None else engine.get_global_grad_norm()
+                if norm is not None:
+                    losses["grad_norm"] = torch.as_tensor(norm, dtype=torch.float32, device=self.device)
                 meter.add(losses, len(labels), wait_s)
 
-                # metrics: a collective every log_every steps, on all ranks alike
-                if self.global_step % cfg.tracking.log_every == 0 or step_in_epoch == steps_per_epoch:
-                    self._log_progress(phase, epoch, epochs, step_in_epoch, steps_per_epoch, meter, engine)
+                # metrics: a collective every log_every steps, on all ranks alike (global_step agrees)
+                if self.global_step % cfg.tracking.log_every == 0:
+                    self._log_window(phase, epoch, epochs, step_in_epoch, steps_per_epoch, meter, engine)
                     meter = _StepMeter()
                 wait_start = time.perf_counter()
 
@@ -256,6 +239,10 @@ class PhaseRunner:
                     {"ema/count": self.num_consolidations, "phase": phase, "epoch": epoch}, self.global_step
                 )
 
+        # the last, partial window of the phase is recorded too, so no window mixes two phases
+        if meter.steps:
+            self._log_window(phase, epochs, epochs, steps_per_epoch, steps_per_epoch, meter, engine)
+
         # end of phase: make the student identical on every rank, then deploy
         average_buffers_(engine.module)
         if not teacher_is_deployed(cfg, phase):
@@ -266,9 +253,36 @@ class PhaseRunner:
             atomic_torch_save(self.run_dir / "teacher.pt", {"phase": phase, "model": self.teacher.state_dict()})
         return student_module, consolidations
 
-    def _log_progress(
+    def _build_student(self, phase: int, total_steps: int) -> Any:
+        """The phase's student as a DeepSpeed engine with SGD and a cosine schedule over `total_steps`."""
+        import deepspeed
+
+        cfg = self.cfg
+        # the student starts from the teacher (phase >= 1) or from a seeded initialisation (phase 0);
+        # every rank builds the same weights and DeepSpeed broadcasts rank 0's anyway
+        torch.manual_seed(cfg.seed + 1000 * phase)
+        student = self._new_model()
+        if phase > 0:
+            student.load_state_dict(self.teacher.state_dict())
+        student.to(self.device)
+        optimizer = torch.optim.SGD(
+            student.parameters(),
+            lr=cfg.optim.base_lr if phase == 0 else cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps))
+        )
+        engine, _, _, _ = deepspeed.initialize(
+            model=student, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size())
+        )
+        return engine
+
+    def _log_window(
         self, phase: int, epoch: int, epochs: int, step: int, steps: int, meter: _StepMeter, engine: Any
     ) -> None:
+        """Records the window's mean losses (a collective); prints a console line every print_every steps."""
         losses = meter.reduce()
         elapsed = time.perf_counter() - meter.start
         lr = engine.get_lr()[0]
@@ -279,14 +293,14 @@ class PhaseRunner:
             "train/lr": lr, "ema/count": self.num_consolidations, "phase": phase, "epoch": epoch,
             "time/img_per_s": img_s, "data/wait_frac": wait,
         })  # fmt: skip
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            record["train/grad_norm"] = float(grad_norm)
         self.tracker.log(record, self.global_step)
-        terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "outer_frac")
+        if self.global_step % self.cfg.tracking.print_every:
+            return
+        terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k not in ("outer_frac", "grad_norm"))
+        norm = f" gnorm {losses['grad_norm']:.2f}" if "grad_norm" in losses else ""
         self.tracker.progress(
             self.global_step,
-            f"phase {phase}/{self.cfg.data.num_phases} epoch {epoch}/{epochs} step {step}/{steps} | {terms} | "
+            f"phase {phase}/{self.cfg.data.num_phases} epoch {epoch}/{epochs} step {step}/{steps} | {terms}{norm} | "
             f"lr {lr:.4f} ema {self.num_consolidations} | {img_s:.0f} img/s wait {100 * wait:.0f}%",
         )
 
@@ -340,6 +354,13 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
         elif key != "phase" and not key.endswith("fingerprint"):
             out[key] = value
     return out
+
+
+@torch.no_grad()
+def _grad_norm(model: nn.Module) -> torch.Tensor | None:
+    """2-norm of all gradients, before clipping; DeepSpeed clips at ZeRO stage 0 but keeps no norm."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
 
 
 def format_table(results: dict[str, Any]) -> str:

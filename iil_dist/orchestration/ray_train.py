@@ -6,6 +6,7 @@ nccl on GPU) and DeepSpeed reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from iil_dist.config import Config, from_dict, to_dict
+from iil_dist.tracking.logs import LogFollower
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,12 @@ def launch(cfg: Config) -> dict[str, Any]:
     started_here = False
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
         started_here = address is None
+        # on a local cluster the console is rank 0's log file, followed below; Ray's forwarding of
+        # every worker's output (and Ray Train's own messages) stays in /tmp/ray/session_latest/logs
+        ray.init(
+            address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=not started_here
+        )
         log.info(
             "ray: %s cluster, %s",
             "local" if started_here else f"cluster at {address}",
@@ -97,7 +103,9 @@ def launch(cfg: Config) -> dict[str, Any]:
                 name=cfg.name, storage_path=str(run_dir / "ray"), failure_config=FailureConfig(max_failures=0)
             ),
         )
-        trainer.fit()
+        console = LogFollower(run_dir / "logs" / "rank0.log") if started_here else contextlib.nullcontext()
+        with console:
+            trainer.fit()
     finally:
         if started_here:
             ray.shutdown()
