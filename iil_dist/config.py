@@ -30,7 +30,11 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 @dataclass
 class DataConfig:
     source: Literal["digits"] = _f("digits", "dataset the scenario is built from")
-    root: str = _f("data/digits-rotation", "scenario directory written by `prepare` and read by `train`")
+    root: str = _f(
+        "",
+        "scenario directory written by `prepare` and read by `train`; empty derives "
+        "data/<source>-<drift>-t<num_phases>-split<split_seed>-order<order_seed> from the fields below",
+    )
     drift: Literal["none", "rotation"] = _f(
         "rotation", "concept drift of the incremental phases (METHOD.md §2); `none` is the plain split"
     )
@@ -45,6 +49,15 @@ class DataConfig:
     samples_per_shard: int = _f(200, "samples per WebDataset tar shard", ge=1)
     verify_checksums: bool = _f(True, "check every shard's sha256 against the manifest before training")
     in_memory: bool = _f(True, "decode each split once and keep it in memory (small datasets such as digits)")
+
+    @property
+    def scenario_dir(self) -> Path:
+        """`root`, or a name derived from the scenario's settings, so that another drift, phase count or
+        seed gets its own directory instead of clashing with a prepared one."""
+        if self.root:
+            return Path(self.root)
+        name = f"{self.source}-{self.drift}-t{self.num_phases}-split{self.split_seed}-order{self.order_seed}"
+        return Path("data") / name
 
 
 @dataclass

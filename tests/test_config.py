@@ -75,3 +75,13 @@ def test_deepspeed_config_is_derived_from_the_tree():
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 1
+
+
+def test_scenario_directory_follows_the_scenario_settings():
+    """Guards against the plain protocol (or another order) clashing with the prepared default scenario."""
+    default = config.load(REPO / "configs" / "digits.yaml")
+    assert default.data.scenario_dir == Path("data/digits-rotation-t10-split0-order0")
+    plain = config.load(REPO / "configs" / "digits.yaml", ["data.drift=none"])
+    other_order = config.load(REPO / "configs" / "digits.yaml", ["data.order_seed=3"])
+    assert len({default.data.scenario_dir, plain.data.scenario_dir, other_order.data.scenario_dir}) == 3
+    assert config.from_dict({}, ["data.root=/shared/scn"]).data.scenario_dir == Path("/shared/scn")

@@ -53,6 +53,7 @@ def test_dbd_two_workers_zero1(tmp_path, tiny_scenario):
     results, run_dir = _train(tmp_path, tiny_scenario, "dbd", ["dist.zero_stage=1", "dist.num_workers=2"])
     _check_results(results, 2)
     assert results["method"] == "dbd" and results["world_size"] == 2 and results["zero_stage"] == 1
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", results["code_revision"])
 
     # the teacher was consolidated exactly as configured: (4 epochs - 1 frozen) / 1 per phase
     cfg = load(REPO / "configs" / "digits.yaml", TINY)
@@ -102,3 +103,13 @@ def test_finetune_two_workers_zero2(tmp_path, tiny_scenario):
     for p in results["phases"]:
         assert p["teacher"] == p["student"]
         assert p["teacher_fingerprint"] == p["student_fingerprint"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_dbd_one_worker_zero0(tmp_path, tiny_scenario):
+    """Guards against the default stage 0 and a one-rank group breaking (collectives of one rank)."""
+    results, _ = _train(tmp_path, tiny_scenario, "one", ["dist.zero_stage=0", "dist.num_workers=1"])
+    _check_results(results, 2)
+    assert results["world_size"] == 1 and results["zero_stage"] == 0
+    assert [p["num_consolidations"] for p in results["phases"]] == [0, 3, 3]

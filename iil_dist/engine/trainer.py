@@ -91,12 +91,13 @@ class _StepMeter:
 class PhaseRunner:
     """Owns the teacher, builds a DeepSpeed student per phase and runs the phase loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path, report: ReportFn | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, report: ReportFn | None = None, revision: str = "unknown") -> None:
         self.cfg = cfg
+        self.revision = revision
         self.run_dir = run_dir
         self.report = report or (lambda metrics: None)
         self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.dist.use_gpu else torch.device("cpu")
-        self.scenario_dir = Path(cfg.data.root)
+        self.scenario_dir = cfg.data.scenario_dir
         self.manifest = read_manifest(self.scenario_dir)
         if cfg.data.verify_checksums and rank() == 0:
             verify_shards(self.scenario_dir, self.manifest)
@@ -111,7 +112,7 @@ class PhaseRunner:
         self.global_step = 0
         self.num_consolidations = 0
         self.total_steps = self._count_steps()
-        self.tracker = Tracker(cfg, run_dir, self.total_steps) if rank() == 0 else NullTracker()
+        self.tracker = Tracker(cfg, run_dir, self.total_steps, revision) if rank() == 0 else NullTracker()
 
     def _check_scenario(self) -> None:
         want = self.cfg.data.num_phases
@@ -158,6 +159,7 @@ class PhaseRunner:
                 "world_size": world_size(),
                 "zero_stage": self.cfg.dist.zero_stage,
                 "wall_time_s": round(time.perf_counter() - start, 2),
+                "code_revision": self.revision,
                 "phases": phases,
                 "config": to_dict(self.cfg),
             }

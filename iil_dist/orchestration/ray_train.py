@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from iil_dist.config import Config, from_dict, to_dict
-from iil_dist.tracking.logs import LogFollower
+from iil_dist.tracking.logs import LogFollower, code_revision
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
         # every rank reports the same number of times (Ray Train requires it)
         ray.train.report(metrics)
 
-    PhaseRunner(cfg, run_dir, report).run()
+    PhaseRunner(cfg, run_dir, report, revision=loop_config.get("revision", "unknown")).run()
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
@@ -67,10 +67,12 @@ def launch(cfg: Config) -> dict[str, Any]:
 
     # workers may run elsewhere: hand them absolute paths
     cfg = from_dict(to_dict(cfg) | {"run_root": str(Path(cfg.run_root).resolve())})
-    cfg.data.root = str(Path(cfg.data.root).resolve())
+    cfg.data.root = str(cfg.data.scenario_dir.resolve())
     run_dir = cfg.run_dir
     _prepare_run_dir(run_dir)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    revision = code_revision()
+    log.info("code revision %s; run directory %s", revision, run_dir)
 
     env = dict(_WORKER_ENV)
     if cfg.dist.use_gpu:
@@ -93,7 +95,7 @@ def launch(cfg: Config) -> dict[str, Any]:
     try:
         trainer = TorchTrainer(
             train_loop_per_worker=worker_entry,
-            train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir)},
+            train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "revision": revision},
             scaling_config=ScalingConfig(
                 num_workers=cfg.dist.num_workers,
                 use_gpu=cfg.dist.use_gpu,

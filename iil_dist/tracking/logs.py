@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -87,3 +88,20 @@ class LogFollower:
             if line:
                 self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def code_revision() -> str:
+    """The git commit the package runs from, `-dirty` if it has uncommitted changes; `unknown` outside a
+    checkout (an installed wheel) or without git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit

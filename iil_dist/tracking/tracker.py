@@ -31,7 +31,7 @@ def resolve_wandb_mode(configured: str) -> str:
 class Tracker:
     """Rank-0 tracker writing every record to metrics.jsonl and, unless disabled, to wandb."""
 
-    def __init__(self, cfg: Config, run_dir: Path, total_steps: int) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, total_steps: int, revision: str = "unknown") -> None:
         self.run_dir = run_dir
         self.total_steps = total_steps
         self.mode = resolve_wandb_mode(cfg.tracking.wandb_mode)
@@ -47,7 +47,7 @@ class Tracker:
                 name=cfg.name,
                 dir=str(run_dir),
                 mode=self.mode,
-                config=to_dict(cfg),
+                config={**to_dict(cfg), "code_revision": revision},
                 job_type="train",
             )
             log.info("wandb run %s (%s) in %s", self._run.id, self.mode, run_dir / "wandb")
