@@ -42,11 +42,11 @@ def cmd_prepare(cfg: config_mod.Config, force: bool) -> int:
     return 0
 
 
-def cmd_train(cfg: config_mod.Config) -> int:
-    from iil_dist.engine.trainer import format_table
+def cmd_train(cfg: config_mod.Config, resume: bool) -> int:
+    from iil_dist.engine.progress import format_table
     from iil_dist.orchestration.ray_train import launch
 
-    results = launch(cfg)
+    results = launch(cfg, resume=resume)
     sys.stdout.write("\n" + format_table(results) + "\n")
     sys.stdout.write(f"\nresults: {Path(cfg.run_dir).resolve() / 'results.json'}\n")
     return 0
@@ -58,10 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("prepare", "write a scenario's WebDataset shards and manifest"),
                        ("train", "run an instance-incremental experiment on Ray + DeepSpeed")):  # fmt: skip
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("config", help="YAML recipe, e.g. configs/digits.yaml")
+        p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/digits.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.ema_alpha=0.8")
         if name == "prepare":
             p.add_argument("--force", action="store_true", help="rewrite a scenario prepared with other settings")
+        else:
+            p.add_argument(
+                "--resume",
+                metavar="RUN_DIR",
+                help="continue the run in RUN_DIR from its last checkpoint, with its saved config.json; "
+                "positional arguments are then overrides (dist., tracking. and checkpoint. fields)",
+            )
     sub.add_parser("fields", help="list every config field with its default and description")
     return parser
 
@@ -73,15 +80,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fields":
         sys.stdout.write("\n".join(config_mod.describe()) + "\n")
         return 0
+    resume = getattr(args, "resume", None)
     try:
-        cfg = config_mod.load(args.config, args.overrides)
+        cfg = _load_config(args.config, args.overrides, resume)
     except config_mod.ConfigError as err:
         sys.stderr.write(f"iil-dist: config error: {err}\n")
         return 2
-    log.info("config %s: %s", args.config, json.dumps(config_mod.to_dict(cfg)))
+    log.info("config %s: %s", args.config or f"{resume}/config.json", json.dumps(config_mod.to_dict(cfg)))
     if args.command == "prepare":
         return cmd_prepare(cfg, args.force)
-    return cmd_train(cfg)
+    try:
+        return cmd_train(cfg, resume=resume is not None)
+    except config_mod.ConfigError as err:  # e.g. an unfinished run with other settings
+        sys.stderr.write(f"iil-dist: {err}\n")
+        return 2
+
+
+def _load_config(path: str | None, overrides: list[str], resume: str | None) -> config_mod.Config:
+    """The run's config: a recipe plus overrides, or, with --resume, the run directory's saved config."""
+    if resume is None:
+        if path is None:
+            raise config_mod.ConfigError("a config file is required, e.g. configs/digits.yaml (or --resume RUN_DIR)")
+        return config_mod.load(path, overrides)
+    run_dir = Path(resume)
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise config_mod.ConfigError(f"--resume {run_dir}: no config.json there, so it is not a run directory")
+    # with --resume every positional argument is an override; the run keeps its directory even if moved
+    overrides = [*([path] if path else []), *overrides]
+    location = [f"run_root={run_dir.resolve().parent}", f"name={run_dir.name}"]
+    return config_mod.load(saved, [*overrides, *location])
 
 
 if __name__ == "__main__":

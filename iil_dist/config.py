@@ -102,10 +102,22 @@ class OptimConfig:
 @dataclass
 class DistConfig:
     num_workers: int = _f(2, "Ray Train workers, one DeepSpeed rank each", ge=1)
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage of the student", ge=0, le=2)
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage of the student; the teacher is partitioned the same way", ge=0, le=3)
     use_gpu: bool = _f(False, "one GPU per worker, nccl and bf16; false runs fp32 on CPU with gloo")
     cpus_per_worker: float = _f(1.0, "CPUs Ray reserves for each worker", gt=0)
     torch_threads: int = _f(1, "intra-op threads of each worker on CPU", ge=1)
+    poll_interval_s: float = _f(
+        0.2, "seconds between the Ray Train controller's polls of the workers; a checkpoint can wait this long", gt=0
+    )
+    max_failures: int = _f(
+        0, "restarts of the worker group from the last checkpoint after a lost worker; -1 retries forever", ge=-1
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = _f(1, "epochs between checkpoints inside a phase; 0 checkpoints only at phase ends", ge=0)
+    keep: int = _f(2, "newest checkpoints kept; older ones are deleted", ge=1)
 
 
 @dataclass
@@ -130,6 +142,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "IIL method"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimisation"})
     dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "workers and sharding"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "checkpoints"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "logging"})
 
     @property
@@ -259,6 +272,30 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         return from_dict(raw, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+# Fields a resumed run may change: how it runs, not what it computes. The world size and ZeRO stage
+# may change too: the teacher and student are restored from world-size independent forms.
+RESUMABLE_PREFIXES = ("dist.", "tracking.", "checkpoint.", "data.verify_checksums", "data.in_memory",
+                      "optim.eval_batch_size")  # fmt: skip
+
+
+def resume_conflicts(saved: Config, new: Config) -> list[str]:
+    """Dotted fields whose values differ between a saved run's config and the config to resume it with,
+    leaving out those a resumed run may change."""
+    a, b = _flat(to_dict(saved)), _flat(to_dict(new))
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_PREFIXES)]
+
+
+def _flat(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from iil_dist.config import from_dict
 from iil_dist.engine.deepspeed_config import deepspeed_config
-from iil_dist.engine.trainer import _grad_norm
+from iil_dist.engine.progress import grad_norm
 from iil_dist.models import build_model
 
 
@@ -43,7 +43,7 @@ def _clip_worker(rank: int, world: int, port: int, out: str) -> None:
             torch.manual_seed(100 + rank)  # each rank its own batch: the gradient must be all-reduced
             x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
             engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
-            stage0_norm = _grad_norm(engine.module) if stage == 0 else None
+            stage0_norm = grad_norm(engine.module) if stage == 0 else None
             engine.step()
             norm = stage0_norm if stage == 0 else engine.get_global_grad_norm()
             after = engine.module.parameters()

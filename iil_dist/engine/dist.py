@@ -56,21 +56,22 @@ def average_buffers_(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fingerprint(model: nn.Module) -> str:
-    """sha256 (16 hex digits) of the model's state: equal fingerprints mean bitwise-equal weights."""
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 (16 hex digits) of a state dict: equal fingerprints mean bitwise-equal weights."""
     digest = hashlib.sha256()
-    for name, value in model.state_dict().items():
+    for name, value in state.items():
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def check_same_on_all_ranks(model: nn.Module, what: str) -> str:
-    """Returns the model's fingerprint after checking that every rank holds the same weights."""
-    digest = fingerprint(model)
+def check_same_on_all_ranks(state: dict[str, torch.Tensor], what: str, device: torch.device | None = None) -> str:
+    """Returns the state's fingerprint after checking that every rank holds the same weights.
+
+    `device` is where the comparison is reduced: the training device (nccl reduces device tensors only).
+    """
+    digest = fingerprint(state)
     if is_distributed():
-        # on the model's device: nccl reduces only device tensors
-        device = next(iter(model.state_dict().values())).device
         value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=device)
         low, high = value.clone(), value.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)

@@ -27,6 +27,12 @@ def consolidate_(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
     """KC-EMA of a whole model: parameters and floating-point buffers are averaged, integer
     buffers (BatchNorm's num_batches_tracked) are copied from the student."""
     ema_update_(teacher.parameters(), student.parameters(), alpha)
+    ema_buffers_(teacher, student, alpha)
+
+
+@torch.no_grad()
+def ema_buffers_(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+    """The buffer half of `consolidate_`: floating-point buffers averaged, integer buffers copied."""
     t_buffers, s_buffers = dict(teacher.named_buffers()), dict(student.named_buffers())
     if t_buffers.keys() != s_buffers.keys():
         raise ValueError("teacher and student have different buffers; they must be the same architecture")

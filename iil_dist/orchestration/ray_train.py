@@ -1,7 +1,11 @@
-"""Ray Train orchestration: starts the workers, hands them the config, collects results.
+"""Ray Train orchestration: starts the workers, hands them the config, keeps checkpoints, collects results.
 
 Each Ray Train worker is one DeepSpeed rank; Ray sets up the torch process group (gloo on CPU,
-nccl on GPU) and DeepSpeed reuses it.
+nccl on GPU) and DeepSpeed reuses it. Checkpoints go through `ray.train.report`: Ray merges the
+ranks' files into one directory under `RUN_DIR/checkpoints/NAME/`, registers it only once every
+rank's upload is done, prunes old ones, and hands the newest to the workers of a restarted group
+(after a lost worker, `dist.max_failures`) or of a resumed run (`iil-dist train --resume RUN_DIR`,
+or the same run name again).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from iil_dist.config import Config, from_dict, to_dict
+from iil_dist.config import Config, ConfigError, from_dict, load, resume_conflicts, to_dict
+from iil_dist.data.shards import read_manifest
 from iil_dist.tracking.logs import LogFollower, code_revision
 
 log = logging.getLogger(__name__)
@@ -41,36 +46,85 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.dist.use_gpu else "gloo")
     run_dir = Path(loop_config["run_dir"])
     setup_logging(rank(), run_dir / "logs")
+    log.info("worker pid %d is rank %d", os.getpid(), rank())
 
-    def report(metrics: dict[str, Any]) -> None:
-        # every rank reports the same number of times (Ray Train requires it)
-        ray.train.report(metrics)
+    def report(metrics: dict[str, Any], checkpoint: Path | None = None, name: str | None = None) -> None:
+        # every rank reports the same number of times (Ray Train requires it); the call returns once
+        # this rank's files are copied to storage
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
-    PhaseRunner(cfg, run_dir, report, revision=loop_config.get("revision", "unknown")).run()
+    runner = PhaseRunner(cfg, run_dir, report, revision=loop_config.get("revision", "unknown"))
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        runner.run()
+        return
+    # the checkpoint is read before the first new report, so pruning cannot remove it while in use
+    with latest.as_directory() as directory:
+        runner.run(restore=Path(directory))
 
 
-def _prepare_run_dir(run_dir: Path) -> None:
-    """Moves a previous run with the same name aside, so nothing of it is lost or mixed in."""
+def checkpoint_root(run_dir: Path) -> Path:
+    """Ray Train's storage path: checkpoints of run `NAME` live under `RUN_DIR/checkpoints/NAME/`."""
+    return run_dir / "checkpoints"
+
+
+def _has_checkpoints(run_dir: Path, name: str) -> bool:
+    experiment = checkpoint_root(run_dir) / name
+    return experiment.is_dir() and any(p.is_dir() for p in experiment.iterdir())
+
+
+def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> bool:
+    """Gets the run directory ready; returns whether the run continues from its own checkpoints.
+
+    A finished run (results.json present) with the same name is moved aside, never mixed in or
+    deleted. An unfinished one continues when its config agrees with this one, and is refused
+    otherwise, with the fields that differ.
+    """
+    saved_path = run_dir / "config.json"
+    unfinished = run_dir.is_dir() and not (run_dir / "results.json").exists() and _has_checkpoints(run_dir, cfg.name)
+    if resume or (unfinished and saved_path.is_file()):
+        if not saved_path.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.json there, so it is not a run directory")
+        conflicts = resume_conflicts(load(saved_path), cfg)
+        if conflicts:
+            raise ConfigError(
+                f"{run_dir} holds an unfinished run with other values of {', '.join(conflicts)}; resume it with "
+                f"`iil-dist train --resume {run_dir}` (only dist., tracking. and checkpoint. fields may change) "
+                "or choose another name"
+            )
+        log.info("continuing the run in %s from its last checkpoint", run_dir)
+        saved_path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        return True
     if run_dir.exists() and any(run_dir.iterdir()):
-        # TODO(#3): resume an unfinished run in place instead of moving it aside.
         aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         log.warning("run directory %s exists; moving it to %s", run_dir, aside)
         shutil.move(str(run_dir), str(aside))
     run_dir.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    return False
 
 
-def launch(cfg: Config) -> dict[str, Any]:
-    """Runs the experiment on a Ray cluster (RAY_ADDRESS, or a local one started here)."""
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    # workers may run elsewhere: hand them absolute paths
+def resolve_paths(cfg: Config) -> Config:
+    """The config with absolute run and scenario paths: workers may run in another directory."""
     cfg = from_dict(to_dict(cfg) | {"run_root": str(Path(cfg.run_root).resolve())})
     cfg.data.root = str(cfg.data.scenario_dir.resolve())
+    return cfg
+
+
+def launch(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Runs the experiment on a Ray cluster (RAY_ADDRESS, or a local one started here)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = resolve_paths(cfg)
+    try:  # a missing or broken scenario stops here, before Ray starts
+        read_manifest(cfg.data.scenario_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     run_dir = cfg.run_dir
-    _prepare_run_dir(run_dir)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    _prepare_run_dir(run_dir, cfg, resume)
     revision = code_revision()
     log.info("code revision %s; run directory %s", revision, run_dir)
 
@@ -78,6 +132,9 @@ def launch(cfg: Config) -> dict[str, Any]:
     if cfg.dist.use_gpu:
         env.pop("DS_ACCELERATOR")
     env["WANDB_MODE"] = os.environ.get("WANDB_MODE", cfg.tracking.wandb_mode)
+    # a report waits for the controller to take the previous one, and the controller looks every
+    # poll interval (Ray's default, 2 s, would make every checkpoint cost up to 2 s)
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.dist.poll_interval_s)
     started_here = False
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -87,11 +144,7 @@ def launch(cfg: Config) -> dict[str, Any]:
         ray.init(
             address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=not started_here
         )
-        log.info(
-            "ray: %s cluster, %s",
-            "local" if started_here else f"cluster at {address}",
-            ray.cluster_resources(),
-        )
+        log.info("ray: %s, %s", "local cluster" if started_here else f"cluster at {address}", ray.cluster_resources())
     try:
         trainer = TorchTrainer(
             train_loop_per_worker=worker_entry,
@@ -102,7 +155,10 @@ def launch(cfg: Config) -> dict[str, Any]:
                 resources_per_worker={"CPU": cfg.dist.cpus_per_worker},
             ),
             run_config=RunConfig(
-                name=cfg.name, storage_path=str(run_dir / "ray"), failure_config=FailureConfig(max_failures=0)
+                name=cfg.name,
+                storage_path=str(checkpoint_root(run_dir)),
+                failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             ),
         )
         console = LogFollower(run_dir / "logs" / "rank0.log") if started_here else contextlib.nullcontext()

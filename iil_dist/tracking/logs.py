@@ -59,6 +59,8 @@ class LogFollower:
         self._thread = threading.Thread(target=self._run, name=f"follow-{path.name}", daemon=True)
         self._file: TextIO | None = None
         self._partial = ""
+        # a resumed run appends to its log: echo only what is written from now on
+        self._offset = path.stat().st_size if path.exists() else 0
 
     def __enter__(self) -> LogFollower:
         self._thread.start()
@@ -80,6 +82,7 @@ class LogFollower:
             if not self.path.exists():
                 return
             self._file = open(self.path, encoding="utf-8", errors="replace")  # noqa: SIM115
+            self._file.seek(self._offset)
         text = self._partial + self._file.read()
         lines = text.split("\n")
         # the last piece is an unfinished line unless the writer is done

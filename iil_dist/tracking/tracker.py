@@ -31,13 +31,30 @@ def resolve_wandb_mode(configured: str) -> str:
 class Tracker:
     """Rank-0 tracker writing every record to metrics.jsonl and, unless disabled, to wandb."""
 
-    def __init__(self, cfg: Config, run_dir: Path, total_steps: int, revision: str = "unknown") -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        total_steps: int,
+        revision: str = "unknown",
+        *,
+        start_step: int = 0,
+        wandb_id: str | None = None,
+    ) -> None:
+        """A resumed run passes the step of its checkpoint and its wandb run id: records after that step
+        (written before the interruption, and about to be written again) are dropped from metrics.jsonl,
+        and the same wandb run continues."""
         self.run_dir = run_dir
         self.total_steps = total_steps
+        self.start_step = start_step
         self.mode = resolve_wandb_mode(cfg.tracking.wandb_mode)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        jsonl = run_dir / "metrics.jsonl"
+        if jsonl.exists():  # a resumed or restarted run
+            _truncate_after(jsonl, start_step)
+        self._jsonl = open(jsonl, "a", buffering=1)  # noqa: SIM115
         self._start = time.monotonic()
         self._run = None
+        self.run_id = wandb_id
         if self.mode != "disabled":
             import wandb
 
@@ -49,7 +66,10 @@ class Tracker:
                 mode=self.mode,
                 config={**to_dict(cfg), "code_revision": revision},
                 job_type="train",
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
             )
+            self.run_id = self._run.id
             log.info("wandb run %s (%s) in %s", self._run.id, self.mode, run_dir / "wandb")
 
     def log(self, record: dict[str, Any], step: int) -> None:
@@ -63,7 +83,7 @@ class Tracker:
     def progress(self, step: int, text: str) -> None:
         """Logs one console line with the run's ETA extrapolated from the steps done so far."""
         elapsed = time.monotonic() - self._start
-        eta = elapsed / max(step, 1) * max(self.total_steps - step, 0)
+        eta = elapsed / max(step - self.start_step, 1) * max(self.total_steps - step, 0)
         log.info("%s | step %d/%d | eta %s", text, step, self.total_steps, _hms(eta))
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -81,6 +101,8 @@ class Tracker:
 class NullTracker:
     """The tracker of ranks other than 0: accepts every call and does nothing."""
 
+    run_id: str | None = None
+
     def log(self, record: dict[str, Any], step: int) -> None:
         pass
 
@@ -92,6 +114,14 @@ class NullTracker:
 
     def close(self) -> None:
         pass
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keeps the records of `path` up to `step`, rewriting the file atomically."""
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _hms(seconds: float) -> str:
