@@ -48,6 +48,7 @@ class Tracker:
         self.total_steps = total_steps
         self.start_step = start_step
         self.mode = resolve_wandb_mode(cfg.tracking.wandb_mode)
+        run_dir.mkdir(parents=True, exist_ok=True)
         jsonl = run_dir / "metrics.jsonl"
         if jsonl.exists():  # a resumed or restarted run
             _truncate_after(jsonl, start_step)
