@@ -1,7 +1,11 @@
-"""End to end: `iil-dist train` on a real local Ray cluster with 2 DeepSpeed workers (gloo, fp32)."""
+"""End to end: `iil-dist train` on a real local Ray cluster with DeepSpeed workers (gloo, fp32), including
+a worker killed mid-phase (automatic recovery, and `--resume` after a failed run)."""
 
 import json
+import os
 import re
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,11 +24,24 @@ TINY = [
 ]  # fmt: skip
 
 
+def _overrides(tmp_path: Path, scenario: Path, name: str, extra: list[str]) -> list[str]:
+    return [*TINY, f"data.root={scenario}", f"run_root={tmp_path / 'runs'}", f"name={name}", *extra]
+
+
 def _train(tmp_path: Path, scenario: Path, name: str, extra: list[str]) -> tuple[dict, Path]:
-    overrides = [*TINY, f"data.root={scenario}", f"run_root={tmp_path / 'runs'}", f"name={name}", *extra]
-    assert cli.main(["train", str(REPO / "configs" / "digits.yaml"), *overrides]) == 0
+    assert cli.main(["train", str(REPO / "configs" / "digits.yaml"), *_overrides(tmp_path, scenario, name, extra)]) == 0
     run_dir = tmp_path / "runs" / name
     return json.loads((run_dir / "results.json").read_text()), run_dir
+
+
+# the reference of the recovery tests: 2 workers, ZeRO-1, DBD + KC-EMA, checkpoints only at phase ends
+ZERO1 = ["dist.zero_stage=1", "dist.num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def zero1_run(tmp_path_factory: pytest.TempPathFactory, tiny_scenario: Path) -> tuple[dict, Path]:
+    """One uninterrupted run, shared by the spine test and the recovery tests (a Ray fit costs ~25 s)."""
+    return _train(tmp_path_factory.mktemp("zero1"), tiny_scenario, "dbd", ZERO1)
 
 
 def _check_results(results: dict, num_phases: int) -> None:
@@ -48,9 +65,9 @@ def _check_results(results: dict, num_phases: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_dbd_two_workers_zero1(tmp_path, tiny_scenario):
+def test_dbd_two_workers_zero1(zero1_run):
     """Guards against a broken spine: Ray + DeepSpeed + shards + DBD/KC-EMA + eval + results + wandb."""
-    results, run_dir = _train(tmp_path, tiny_scenario, "dbd", ["dist.zero_stage=1", "dist.num_workers=2"])
+    results, run_dir = zero1_run
     _check_results(results, 2)
     assert results["method"] == "dbd" and results["world_size"] == 2 and results["zero_stage"] == 1
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", results["code_revision"])
@@ -113,3 +130,81 @@ def test_dbd_one_worker_zero0(tmp_path, tiny_scenario):
     _check_results(results, 2)
     assert results["world_size"] == 1 and results["zero_stage"] == 0
     assert [p["num_consolidations"] for p in results["phases"]] == [0, 3, 3]
+
+
+# a killed run checkpoints every epoch, so that it can continue from inside a phase
+KILLED = [*ZERO1, "checkpoint.every_epochs=1"]
+KILL_AFTER = "phase01-epoch0002"
+
+
+class _Killer:
+    """Kills rank 1's worker process with SIGKILL once checkpoint KILL_AFTER of run `run_dir` is on storage,
+    that is in the middle of phase 1 (4 epochs), as a lost node would."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.killed_pid: int | None = None
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "_Killer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        log, checkpoint = self.run_dir / "logs" / "rank1.log", self.run_dir / "checkpoints" / self.run_dir.name
+        while not self._stop.wait(0.01):
+            if not (checkpoint / KILL_AFTER).is_dir():
+                continue
+            pid = re.search(r"worker pid (\d+) is rank 1", log.read_text())
+            self.killed_pid = int(pid.group(1))
+            os.kill(self.killed_pid, signal.SIGKILL)
+            return
+
+
+def _check_continued_mid_phase(run_dir: Path, reference: dict, killer: _Killer) -> dict:
+    """The run lost a worker inside phase 1, went on from a checkpoint inside that phase and ended with
+    bitwise the same teacher and student (fingerprints) and the same metrics as the uninterrupted run."""
+    assert killer.killed_pid is not None, "the worker was never killed"
+    results = json.loads((run_dir / "results.json").read_text())
+    resumed = re.findall(
+        r"resumed from \S+: phase (\d+) after epoch (\d+)", (run_dir / "logs" / "rank0.log").read_text()
+    )
+    assert len(resumed) == 1 and resumed[0][0] == "1" and 1 <= int(resumed[0][1]) < 4, resumed
+    assert results["phases"] == reference["phases"]
+    assert results["num_consolidations"] == reference["num_consolidations"]
+    # metrics.jsonl holds each step's record once: the restarted run dropped what it recomputes
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_killed_worker_recovers_by_itself(tmp_path, tiny_scenario, zero1_run):
+    """Guards against a lost worker ending the run although dist.max_failures allows a restart, and
+    against a restart that loses state (teacher, optimizer, schedule, RNG, data position)."""
+    reference, _ = zero1_run
+    run_dir = tmp_path / "runs" / "recover"
+    with _Killer(run_dir) as killer:
+        _train(tmp_path, tiny_scenario, "recover", [*KILLED, "dist.max_failures=1"])
+    _check_continued_mid_phase(run_dir, reference, killer)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_failed_run_resumes_with_resume_flag(tmp_path, tiny_scenario, zero1_run):
+    """Guards against `iil-dist train --resume RUN_DIR` restarting from scratch or from a phase boundary,
+    or ending anywhere else than the uninterrupted run."""
+    reference, _ = zero1_run
+    run_dir = tmp_path / "runs" / "cut"
+    overrides = _overrides(tmp_path, tiny_scenario, "cut", [*KILLED, "dist.max_failures=0"])
+    with _Killer(run_dir) as killer, pytest.raises(Exception, match="(?i)fail|died|error"):
+        cli.main(["train", str(REPO / "configs" / "digits.yaml"), *overrides])
+    assert not (run_dir / "results.json").exists()
+    assert cli.main(["train", "--resume", str(run_dir)]) == 0
+    _check_continued_mid_phase(run_dir, reference, killer)

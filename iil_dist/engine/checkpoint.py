@@ -7,6 +7,8 @@ One checkpoint is a directory holding every rank's files (Ray Train merges the r
                              records, world size, ZeRO stage, data position, wandb run id
     student/, latest         DeepSpeed `save_checkpoint` (tag "student"); absent at a phase boundary,
     zero_to_fp32.py          where the next student starts from the teacher
+    student-buffers-rank{R}.pt  rank R's student buffers (BatchNorm statistics differ between ranks
+                             until they are averaged at a consolidation or a phase end)
     teacher.pt               rank 0: the whole teacher (world-size independent)
     teacher-rank{R}.pt       stage 3: rank R's slices of the teacher, for a resume on the same world size
     target.pt                rank 0: the frozen phase-start model when targets come from it
@@ -80,6 +82,9 @@ def save(
     directory.mkdir(parents=True, exist_ok=True)
     if student is not None:
         student.save_checkpoint(str(directory), tag=STUDENT_TAG)
+        # DeepSpeed stores rank 0's module only, but each rank's BatchNorm statistics are its own
+        buffers = {k: v.detach().cpu().clone() for k, v in student.module.named_buffers()}
+        torch.save(buffers, directory / f"student-buffers-rank{rank()}.pt")
     teacher_state = teacher.full_state_dict()  # a collective under stage 3
     target_state = target.full_state_dict() if target is not None else None
     if teacher.partitioned:
@@ -135,16 +140,32 @@ def load_tensors(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def has_student(directory: Path) -> bool:
-    return (Path(directory) / STUDENT_TAG).is_dir()
-
-
 def restore_rng(directory: Path) -> None:
     """Restores this rank's RNG states (only meaningful when the world size is unchanged)."""
     rng = load_tensors(Path(directory) / f"rng-rank{rank()}.pt")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+
+
+@torch.no_grad()
+def restore_student_buffers_(module: torch.nn.Module, directory: Path, saved_world_size: int) -> None:
+    """Gives the student this rank's buffers as saved, so that a resumed run continues bitwise as the
+    uninterrupted one. On another world size the saved ranks' floating-point buffers are averaged
+    (what the next consolidation would do) and integer buffers taken from rank 0."""
+    directory = Path(directory)
+    if saved_world_size == world_size():
+        saved = load_tensors(directory / f"student-buffers-rank{rank()}.pt")
+    else:
+        per_rank = [load_tensors(directory / f"student-buffers-rank{r}.pt") for r in range(saved_world_size)]
+        saved = {
+            k: torch.stack([b[k] for b in per_rank]).mean(0) if v.is_floating_point() else v
+            for k, v in per_rank[0].items()
+        }
+    for name, buf in module.named_buffers():
+        if name not in saved:
+            raise CheckpointError(f"{directory}: student buffer {name!r} is missing; the model does not match")
+        buf.copy_(saved[name])
 
 
 def consolidated_student(directory: Path, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -199,10 +220,6 @@ class LocalCheckpoints:
     def latest(self) -> Path | None:
         names = self.names()
         return self.root / names[-1] if names else None
-
-
-def world_size_changed(state: RunState) -> bool:
-    return state.world_size != world_size()
 
 
 def save_deployed(path: Path, phase: int, teacher_state: dict[str, torch.Tensor]) -> None:

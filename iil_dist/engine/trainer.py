@@ -328,7 +328,9 @@ class PhaseRunner:
             )
             if path is None:
                 raise checkpoint.CheckpointError(f"DeepSpeed could not load the student from {resume.directory}")
-        elif resume is not None:
+        if resume is not None:
+            checkpoint.restore_student_buffers_(engine.module, resume.directory, resume.saved.world_size)
+        if resume is not None and not load_engine_state:
             log.warning(
                 "optimizer state restarts from zero: DeepSpeed cannot re-partition ZeRO-%d optimizer state "
                 "for %d ranks at ZeRO-%d; the student's weights come from the consolidated checkpoint",
