@@ -1,24 +1,18 @@
 """Multi-process gloo tests of the engine's collectives: exact evaluation and rank agreement."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from iil_dist.data.reader import InMemorySplit, SplitDataset
 from iil_dist.engine.dist import average_buffers_, check_same_on_all_ranks
 from iil_dist.engine.evaluate import accuracies
 from iil_dist.models import build_model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -48,7 +42,7 @@ def test_evaluation_counts_every_sample_once_across_ranks(tmp_path, tiny_scenari
     assert len(dataset) % world != 0
     want = accuracies({"a": _model(0), "b": _model(1)}, InMemorySplit(dataset), 1000, torch.device("cpu"))
     out = tmp_path / "accs.pt"
-    mp.spawn(_eval_worker, args=(world, _free_port(), str(tiny_scenario), split, batch, str(out)), nprocs=world)
+    mp.spawn(_eval_worker, args=(world, free_port(), str(tiny_scenario), split, batch, str(out)), nprocs=world)
     got = torch.load(out, weights_only=True)
     assert got == pytest.approx(want, abs=1e-9)
 
@@ -73,5 +67,5 @@ def _agreement_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_buffer_averaging_makes_ranks_agree(tmp_path):
     """Guards against ranks deploying different BatchNorm statistics, and a check that cannot fail."""
     out = tmp_path / "digest"
-    mp.spawn(_agreement_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    mp.spawn(_agreement_worker, args=(2, free_port(), str(out)), nprocs=2)
     assert len(out.read_text()) == 16

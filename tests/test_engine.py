@@ -1,23 +1,17 @@
 """The student engine on 2 gloo ranks: DeepSpeed's gradient clipping and the recorded gradient norm."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from iil_dist.config import from_dict
 from iil_dist.engine.deepspeed_config import deepspeed_config
 from iil_dist.engine.progress import grad_norm
 from iil_dist.models import build_model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clip_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -61,7 +55,7 @@ def test_gradient_clipping_and_norm_at_stages_0_1_2(tmp_path):
     """Guards against clipping silently off at a ZeRO stage (METHOD.md §5: dusted distillation diverges
     without it) and against a recorded gradient norm that is missing or already clipped."""
     out = tmp_path / "clip.pt"
-    mp.spawn(_clip_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    mp.spawn(_clip_worker, args=(2, free_port(), str(out)), nprocs=2)
     results = torch.load(out, weights_only=True)
     norms = [results[s][0] for s in (0, 1, 2)]
     for stage, (norm, update) in results.items():
