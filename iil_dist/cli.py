@@ -16,13 +16,9 @@ log = logging.getLogger("iil_dist.cli")
 
 
 def _scenario_args(cfg: config_mod.Config) -> dict:
-    d = cfg.data
-    return {
-        "source": d.source, "num_phases": d.num_phases, "base_fraction": d.base_fraction,
-        "test_fraction": d.test_fraction, "split_seed": d.split_seed, "order_seed": d.order_seed,
-        "drift": d.drift, "rotation_min_deg": d.rotation_min_deg, "rotation_max_deg": d.rotation_max_deg,
-        "image_size": d.image_size, "samples_per_shard": d.samples_per_shard,
-    }  # fmt: skip
+    from iil_dist.data.shards import SCENARIO_ARGS
+
+    return {name: getattr(cfg.data, name) for name in SCENARIO_ARGS}
 
 
 def cmd_prepare(cfg: config_mod.Config, force: bool) -> int:
@@ -31,14 +27,18 @@ def cmd_prepare(cfg: config_mod.Config, force: bool) -> int:
     out = cfg.data.scenario_dir
     args = _scenario_args(cfg)
     if (out / "manifest.json").exists() and not force:
-        manifest = read_manifest(out)
+        try:
+            manifest = read_manifest(out)
+        except ValueError as err:  # e.g. written by an older version of the format
+            raise SystemExit(f"{err}; pass --force to rewrite it") from None
         if all(manifest.get(k) == v for k, v in args.items()):
             log.info("scenario %s is already prepared with these settings; nothing to do", out)
             return 0
         raise SystemExit(
             f"{out / 'manifest.json'} was written with other settings; choose another data.root or pass --force"
         )
-    write_scenario(out, **args)  # logs what it wrote
+    d = cfg.data
+    write_scenario(out, **args, source_path=d.source_path, num_workers=d.prepare_workers, progress=True)
     return 0
 
 
@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("config %s: %s", args.config or f"{resume}/config.json", json.dumps(config_mod.to_dict(cfg)))
     if args.command == "prepare":
-        return cmd_prepare(cfg, args.force)
+        try:
+            return cmd_prepare(cfg, args.force)
+        except ValueError as err:  # a missing or malformed source, named by the message
+            sys.stderr.write(f"iil-dist: prepare: {err}\n")
+            return 2
     try:
         return cmd_train(cfg, resume=resume is not None)
     except config_mod.ConfigError as err:  # e.g. an unfinished run with other settings

@@ -29,7 +29,15 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    source: Literal["digits"] = _f("digits", "dataset the scenario is built from")
+    source: Literal["digits", "cifar100", "imagefolder", "imagenet100"] = _f(
+        "digits", "dataset the scenario is built from (digits is bundled; the others read data.source_path)"
+    )
+    source_path: str = _f(
+        "", "cifar100: the official cifar-100-python.tar.gz; imagefolder/imagenet100: a folder with train/ and val/"
+    )
+    class_list: str = _f(
+        "", "file of class folder names, one per line, to keep (imagenet100 defaults to the shipped 100-class list)"
+    )
     root: str = _f(
         "",
         "scenario directory written by `prepare` and read by `train`; empty derives "
@@ -40,13 +48,41 @@ class DataConfig:
     )
     num_phases: int = _f(10, "number of incremental phases T after the base phase", ge=1)
     base_fraction: float = _f(0.5, "class-stratified share of the training set that forms D(0)", gt=0, lt=1)
-    test_fraction: float = _f(0.25, "class-stratified share held out as the test set (digits has none)", gt=0, lt=1)
-    split_seed: int = _f(0, "seed of the base/test split")
-    order_seed: int = _f(0, "seed of the order of the incremental phases")
+    test_fraction: float = _f(
+        0.25, "class-stratified share held out as the test set, for a source without an official one", gt=0, lt=1
+    )
+    split_seed: int = _f(0, "seed of the base/test split", ge=0)
+    order_seed: int = _f(0, "seed of the order of the incremental phases", ge=0)
     rotation_min_deg: float = _f(20.0, "smallest rotation angle of drifted images, degrees", ge=0)
     rotation_max_deg: float = _f(60.0, "largest rotation angle of drifted images, degrees", ge=0, le=180)
-    image_size: int = _f(16, "side in pixels the images are resized to before drift and sharding", ge=8)
-    samples_per_shard: int = _f(200, "samples per WebDataset tar shard", ge=1)
+    image_size: int = _f(
+        16, "side the images are resized to (square) before drift and sharding; 0 keeps their size", ge=0
+    )
+    max_side: int = _f(0, "downscale images whose longer side exceeds this many pixels (aspect kept); 0 never", ge=0)
+    encode: Literal["png", "jpeg", "keep"] = _f(
+        "png", "stored format: png, jpeg, or keep (source files' bytes where pixels are unchanged, else JPEG)"
+    )
+    jpeg_quality: int = _f(90, "JPEG quality when images are (re-)encoded as JPEG", ge=1, le=100)
+    samples_per_shard: int = _f(200, "samples per WebDataset tar shard (unless data.shard_size_mb is set)", ge=1)
+    shard_size_mb: float = _f(
+        0.0, "target shard size in MB (e.g. 256 at ImageNet scale); 0 uses data.samples_per_shard", ge=0
+    )
+    prepare_workers: int = _f(0, "processes writing shards in parallel; 0 uses every CPU", ge=0)
+    shard_url: str = _f(
+        "",
+        "read shards through this URL template instead of data.root, e.g. 'pipe:aws s3 cp s3://b/scen/{file} -' "
+        "or 's3://b/scen/{file}' (fsspec); {file} is a manifest shard path. Streams (see README)",
+    )
+    train_transform: Literal["none", "pad_crop_flip", "resized_crop_flip"] = _f(
+        "none", "augmentation of training samples: none, CIFAR-style pad+crop+flip, ImageNet-style resized crop+flip"
+    )
+    eval_transform: Literal["none", "resize_center_crop"] = _f(
+        "none", "evaluation transform: none, or resize the shorter side and take a centre crop"
+    )
+    crop_size: int = _f(0, "output side of the transforms; 0 uses data.image_size", ge=0)
+    loader_workers: int = _f(
+        0, "data-loading processes per rank (decoding and augmentation); 0 loads in the rank", ge=0
+    )
     verify_checksums: bool = _f(True, "check every shard's sha256 against the manifest before training")
     in_memory: bool = _f(True, "decode each split once and keep it in memory (small datasets such as digits)")
 
@@ -62,7 +98,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["small_cnn", "resnet18_cifar"] = _f("small_cnn", "architecture from the model registry")
+    name: Literal["small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50"] = _f(
+        "small_cnn", "architecture from the model registry"
+    )
 
 
 @dataclass
@@ -104,6 +142,12 @@ class DistConfig:
     num_workers: int = _f(2, "Ray Train workers, one DeepSpeed rank each", ge=1)
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage of the student; the teacher is partitioned the same way", ge=0, le=3)
     use_gpu: bool = _f(False, "one GPU per worker, nccl and bf16; false runs fp32 on CPU with gloo")
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", "bf16 runs forward passes under torch.autocast(bfloat16); weights, gradients, EMA stay fp32"
+    )
+    channels_last: bool = _f(
+        False, "feed inputs, hence activations, in channels_last memory format (faster convs on GPU)"
+    )
     cpus_per_worker: float = _f(1.0, "CPUs Ray reserves for each worker", gt=0)
     torch_threads: int = _f(1, "intra-op threads of each worker on CPU", ge=1)
     poll_interval_s: float = _f(
@@ -118,6 +162,9 @@ class DistConfig:
 class CheckpointConfig:
     every_epochs: int = _f(1, "epochs between checkpoints inside a phase; 0 checkpoints only at phase ends", ge=0)
     keep: int = _f(2, "newest checkpoints kept; older ones are deleted", ge=1)
+    storage_path: str = _f(
+        "", "where Ray Train keeps checkpoints: a shared path or URI (s3://, gs://); empty is RUN_DIR/checkpoints"
+    )
 
 
 @dataclass
@@ -225,6 +272,17 @@ def _validate(cfg: Config) -> None:
         )
     if m.name == "dbd" and not (m.fused_label or m.dusting):
         raise ConfigError("method: dbd needs method.fused_label or method.dusting (or both) switched on")
+    if not (d.crop_size or d.image_size):
+        raise ConfigError(
+            "data.crop_size: data.image_size is 0 (images keep their own sizes), so batches need a fixed size: "
+            "set data.crop_size with data.train_transform and data.eval_transform, or set data.image_size"
+        )
+    if not d.image_size and "none" in (d.train_transform, d.eval_transform):
+        raise ConfigError("data.train_transform and data.eval_transform must crop (not none) when data.image_size is 0")
+    if d.source != "digits" and not d.source_path:
+        raise ConfigError(f"data.source_path: required for data.source={d.source}")
+    if d.shard_url and "{file}" not in d.shard_url:
+        raise ConfigError(f"data.shard_url: must contain {{file}}, got {d.shard_url!r}")
     t = cfg.tracking
     if t.print_every % t.log_every:
         raise ConfigError(
@@ -277,6 +335,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
 # Fields a resumed run may change: how it runs, not what it computes. The world size and ZeRO stage
 # may change too: the teacher and student are restored from world-size independent forms.
 RESUMABLE_PREFIXES = ("dist.", "tracking.", "checkpoint.", "data.verify_checksums", "data.in_memory",
+                      "data.loader_workers", "data.prepare_workers", "data.shard_url", "data.source_path",
                       "optim.eval_batch_size")  # fmt: skip
 
 

@@ -61,7 +61,7 @@ def _stopping_sink(root: Path, stop_at: str | None):
 
     def report(metrics, checkpoint=None, name=None):
         sink(metrics, checkpoint, name)
-        if name == stop_at:
+        if stop_at is not None and name == stop_at:
             raise _Stop(name)
 
     return report

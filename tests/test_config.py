@@ -85,3 +85,29 @@ def test_scenario_directory_follows_the_scenario_settings():
     other_order = config.load(REPO / "configs" / "digits.yaml", ["data.order_seed=3"])
     assert len({default.data.scenario_dir, plain.data.scenario_dir, other_order.data.scenario_dir}) == 3
     assert config.from_dict({}, ["data.root=/shared/scn"]).data.scenario_dir == Path("/shared/scn")
+
+
+@pytest.mark.parametrize("recipe", ["cifar100", "imagenet100", "imagenet1k"])
+def test_real_dataset_recipes_validate_and_state_resources(recipe):
+    """Guards against a shipped recipe that no longer validates, or that does not tell the user what it needs."""
+    path = REPO / "configs" / f"{recipe}.yaml"
+    cfg = config.load(path)
+    assert cfg.dist.use_gpu and cfg.dist.precision == "bf16" and cfg.data.source != "digits"
+    assert "Resources expected:" in path.read_text()
+    if recipe != "cifar100":
+        assert cfg.data.image_size == 0 and cfg.data.train_transform == "resized_crop_flip" and cfg.data.crop_size
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["data.image_size=0"], "data.crop_size"),
+        (["data.image_size=0", "data.crop_size=32", "data.train_transform=resized_crop_flip"], "must crop"),
+        (["data.source=cifar100"], "data.source_path: required"),
+        (["data.shard_url=s3://bucket/x.tar"], "data.shard_url: must contain {file}"),
+    ],
+)
+def test_data_fields_that_must_agree(overrides, needle):
+    """Guards against data settings that would fail only inside the workers (unbatchable sizes, no source)."""
+    with pytest.raises(config.ConfigError, match=needle.replace(".", r"\.").replace("{", r"\{").replace("}", r"\}")):
+        config.load(REPO / "configs" / "digits.yaml", overrides)

@@ -20,13 +20,17 @@ def _model(seed: int) -> torch.nn.Module:
     return build_model("small_cnn", num_classes=10, in_channels=1).eval()
 
 
+def _as_input(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0
+
+
 def _eval_worker(rank: int, world: int, port: int, scenario: str, split: str, batch: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         dataset = SplitDataset(Path(scenario), split)
-        accs = accuracies({"a": _model(0), "b": _model(1)}, dataset, batch, torch.device("cpu"))
+        accs = accuracies({"a": _model(0), "b": _model(1)}, dataset, batch, _as_input)
         if rank == 0:
             torch.save(accs, out)
     finally:
@@ -40,7 +44,7 @@ def test_evaluation_counts_every_sample_once_across_ranks(tmp_path, tiny_scenari
     split = "phase-01"  # an odd-sized split: the ranks' shares differ
     dataset = SplitDataset(tiny_scenario, split)
     assert len(dataset) % world != 0
-    want = accuracies({"a": _model(0), "b": _model(1)}, InMemorySplit(dataset), 1000, torch.device("cpu"))
+    want = accuracies({"a": _model(0), "b": _model(1)}, InMemorySplit(dataset), 1000, _as_input)
     out = tmp_path / "accs.pt"
     mp.spawn(_eval_worker, args=(world, free_port(), str(tiny_scenario), split, batch, str(out)), nprocs=world)
     got = torch.load(out, weights_only=True)

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from iil_dist.data.augment import normalize
 from iil_dist.data.reader import (
     SampleDecodeError,
     SplitDataset,
+    StreamingSplit,
     eval_batches,
     eval_indices,
     num_eval_batches,
@@ -112,7 +114,7 @@ def test_train_batches_real_shards(scenario_dir: Path, odd_split: str) -> None:
         batches = list(train_batches(dataset, epoch=0, seed=1, rank=rank, world_size=3, batch_size=32))
         counts.append(len(batches))
         x, y, indices = batches[-1]
-        assert x.dtype == torch.float32 and x.shape[1:] == (1, 16, 16) and y.dtype == torch.int64
+        assert x.dtype == torch.uint8 and x.shape[1:] == (1, 16, 16) and y.dtype == torch.int64
         assert len(x) == len(y) == len(indices)
         first_x, first_y = dataset[int(indices[0])]
         assert torch.equal(x[0], first_x) and int(y[0]) == first_y
@@ -152,14 +154,18 @@ def test_too_few_samples_for_world_size(scenario_dir: Path) -> None:
 
 
 def test_decoded_normalisation(scenario_dir: Path) -> None:
-    """Guards against decoding with the wrong scale, channel layout or normalisation statistics."""
+    """Guards against decoding with the wrong scale, channel layout or normalisation statistics: the manifest's
+    statistics must make the base split zero-mean and unit-variance after `normalize`."""
     base = SplitDataset(scenario_dir, "base")
-    x, y = base.load_all()
-    assert x.shape == (len(base), 1, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1.0) < 1e-3
+    images, labels = zip(*base.iter_all(), strict=True)
+    x, y = torch.stack(images), torch.tensor(labels)
+    assert x.shape == (len(base), 1, 16, 16) and x.dtype == torch.uint8 and int(x.max()) == 255
+    norm = base.manifest["normalization"]
+    z = normalize(x, norm["mean"], norm["std"])
+    assert z.dtype == torch.float32 and abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1.0) < 1e-3
     assert set(y.tolist()) == set(range(10))
-    background = (0.0 - base.manifest["normalization"]["mean"][0]) / base.manifest["normalization"]["std"][0]
-    assert float(x.min()) == pytest.approx(background, abs=1e-5)
+    background = (0.0 - norm["mean"][0]) / norm["std"][0]
+    assert float(z.min()) == pytest.approx(background, abs=1e-5)
 
 
 def test_workers_and_pickling(scenario_dir: Path) -> None:
@@ -192,3 +198,58 @@ def test_corrupt_png_names_shard_and_key(scenario_dir: Path, tmp_path: Path) -> 
     dataset[104]  # its neighbour still decodes
     with pytest.raises(SampleDecodeError, match=r"'base-000105'.*base-000001\.tar"):
         dataset[105]
+
+
+@pytest.mark.parametrize("template", ["pipe:cat {root}/{file}", "file://{root}/{file}"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_streaming_eval_counts_every_sample_once(scenario_dir: Path, odd_split: str, template: str, num_workers: int):
+    """Guards against streamed evaluation (shards through a URL, e.g. an object store) dropping or doubling
+    samples, or giving ranks different batch counts (a hang under layer-gathering forwards)."""
+    manifest = read_manifest(scenario_dir)
+    url = template.replace("{root}", str(scenario_dir))
+    split = StreamingSplit(url, odd_split, manifest)
+    assert len(split.shards) > 3  # ranks with different shard counts: padding needed
+    indexed = SplitDataset(scenario_dir, odd_split, manifest)
+    for world_size in (2, 3):
+        seen, counts = Counter(), []
+        for rank in range(world_size):
+            batches = list(
+                eval_batches(split, rank=rank, world_size=world_size, batch_size=16, num_workers=num_workers)
+            )
+            counts.append(len(batches))
+            for x, y, mask in batches:
+                assert x.dtype == torch.uint8 and len(x) == len(y) == len(mask)
+                seen.update(
+                    (bytes(img.numpy().tobytes()), int(label)) for img, label in zip(x[mask], y[mask], strict=True)
+                )
+        assert len(set(counts)) == 1
+        expected = Counter((img.numpy().tobytes(), label) for img, label in indexed.iter_all())
+        assert seen == expected
+
+
+def test_streaming_train_quota_and_errors(scenario_dir: Path, tmp_path: Path):
+    """Guards against streamed training giving ranks different step counts, repeating the epoch's order every
+    epoch, or accepting fewer shards than ranks x loader processes; and against a truncated shard being read
+    silently short."""
+    manifest = read_manifest(scenario_dir)
+    split = StreamingSplit(f"{scenario_dir}/{{file}}", "base", manifest)  # plain paths stream too
+    kwargs = {"seed": 3, "world_size": 2, "batch_size": 32}
+    per_rank = [list(train_batches(split, epoch=1, rank=r, **kwargs)) for r in range(2)]
+    expected = num_train_batches(len(split), 2, 32)
+    assert [len(b) for b in per_rank] == [expected, expected]
+    assert sum(len(y) for _, y, _ in per_rank[0]) == len(split) // 2
+    first = per_rank[0][0][1]
+    assert not torch.equal(first, next(iter(train_batches(split, epoch=2, rank=0, **kwargs)))[1])
+    with pytest.raises(ValueError, match="fewer than ranks x loader processes"):
+        next(iter(train_batches(split, epoch=1, rank=0, num_workers=5, **kwargs)))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(scenario_dir, copy)
+    shard = copy / manifest["splits"]["base"]["shards"][0]["file"]
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[-2].offset  # drop the last sample, keep a valid tar end
+    data = shard.read_bytes()
+    shard.write_bytes(data[:cut] + b"\0" * 1024)
+    broken = StreamingSplit(f"{copy}/{{file}}", "base", manifest)
+    with pytest.raises(ValueError, match=r"base-000000\.tar holds 99 samples, the manifest says 100"):
+        list(broken.iter_all())

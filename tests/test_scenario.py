@@ -71,12 +71,14 @@ def test_digits_source_range(digits: tuple[np.ndarray, np.ndarray]) -> None:
     assert labels.dtype == np.int64 and set(labels.tolist()) == set(range(10))
     with pytest.raises(ValueError, match="data.source.*digits.*'nope'"):
         load_source("nope")
+    with pytest.raises(ValueError, match="data.source_path is required for data.source=cifar100"):
+        load_source("cifar100")
 
 
 def test_splits_disjoint_and_covering(digits: tuple[np.ndarray, np.ndarray]) -> None:
     """Guards against a sample in two splits (test leakage) or a sample dropped by the split."""
-    images, labels = digits
-    scenario = build_scenario(images, labels, **SPLIT_ARGS)
+    _, labels = digits
+    scenario = build_scenario(labels, **SPLIT_ARGS)
     assert list(scenario) == split_names(NUM_PHASES)
     merged = np.concatenate(list(scenario.values()))
     assert len(merged) == len(labels) and set(merged.tolist()) == set(range(len(labels)))
@@ -84,8 +86,8 @@ def test_splits_disjoint_and_covering(digits: tuple[np.ndarray, np.ndarray]) -> 
 
 def test_base_and_test_stratified(digits: tuple[np.ndarray, np.ndarray]) -> None:
     """Guards against base or test sets that miss their fraction or over-represent a class."""
-    images, labels = digits
-    scenario = build_scenario(images, labels, **SPLIT_ARGS)
+    _, labels = digits
+    scenario = build_scenario(labels, **SPLIT_ARGS)
     all_counts = np.bincount(labels, minlength=10)
     test_counts = np.bincount(labels[scenario["test"]], minlength=10)
     assert np.all(np.abs(test_counts - 0.25 * all_counts) <= 1)
@@ -99,8 +101,8 @@ def test_base_and_test_stratified(digits: tuple[np.ndarray, np.ndarray]) -> None
 
 def test_phases_equal_and_stratified(digits: tuple[np.ndarray, np.ndarray]) -> None:
     """Guards against phases of unequal size or with a class missing from some phases."""
-    images, labels = digits
-    scenario = build_scenario(images, labels, **SPLIT_ARGS)
+    _, labels = digits
+    scenario = build_scenario(labels, **SPLIT_ARGS)
     phases = [scenario[name] for name in split_names(NUM_PHASES)[1:-1]]
     incremental_counts = sum(np.bincount(labels[p], minlength=10) for p in phases)
     sizes = [len(p) for p in phases]
@@ -111,13 +113,13 @@ def test_phases_equal_and_stratified(digits: tuple[np.ndarray, np.ndarray]) -> N
 
 def test_order_seed_permutes_phases_only(digits: tuple[np.ndarray, np.ndarray]) -> None:
     """Guards against order_seed changing the base or test set, or changing phase contents."""
-    images, labels = digits
-    reference = build_scenario(images, labels, **SPLIT_ARGS)
+    _, labels = digits
+    reference = build_scenario(labels, **SPLIT_ARGS)
     phase_names = split_names(NUM_PHASES)[1:-1]
     reference_sets = sorted(tuple(reference[n]) for n in phase_names)
     orders_seen = set()
     for order_seed in range(1, 6):
-        other = build_scenario(images, labels, **{**SPLIT_ARGS, "order_seed": order_seed})
+        other = build_scenario(labels, **{**SPLIT_ARGS, "order_seed": order_seed})
         assert np.array_equal(other["base"], reference["base"])
         assert np.array_equal(other["test"], reference["test"])
         assert sorted(tuple(other[n]) for n in phase_names) == reference_sets
@@ -127,9 +129,9 @@ def test_order_seed_permutes_phases_only(digits: tuple[np.ndarray, np.ndarray]) 
 
 def test_split_seed_changes_split(digits: tuple[np.ndarray, np.ndarray]) -> None:
     """Guards against split_seed being ignored (every seed giving the same base set)."""
-    images, labels = digits
-    a = build_scenario(images, labels, **SPLIT_ARGS)
-    b = build_scenario(images, labels, **{**SPLIT_ARGS, "split_seed": 1})
+    _, labels = digits
+    a = build_scenario(labels, **SPLIT_ARGS)
+    b = build_scenario(labels, **{**SPLIT_ARGS, "split_seed": 1})
     assert not np.array_equal(a["base"], b["base"])
     assert not np.array_equal(a["test"], b["test"])
 
@@ -148,9 +150,9 @@ def test_split_seed_changes_split(digits: tuple[np.ndarray, np.ndarray]) -> None
 )
 def test_bad_scenario_arguments(digits: tuple[np.ndarray, np.ndarray], override: dict, argument: str) -> None:
     """Guards against invalid arguments producing a silently broken split instead of a named error."""
-    images, labels = digits
+    _, labels = digits
     with pytest.raises(ValueError, match=argument):
-        build_scenario(images, labels, **{**SPLIT_ARGS, **override})
+        build_scenario(labels, **{**SPLIT_ARGS, **override})
 
 
 def test_bad_drift_arguments(digits: tuple[np.ndarray, np.ndarray]) -> None:

@@ -1,28 +1,44 @@
-"""Indexed reading of a prepared scenario: even training shares per rank and exact evaluation.
+"""Reading a prepared scenario: even training shares per rank and exact evaluation, from local shards
+(indexed) or from any URL (streamed).
 
-Why indexed and not streaming: collectives hang unless every rank runs the same number of steps,
-and PP / F are exact numbers only if evaluation sees every sample once. With random access both
-follow from index arithmetic: training gives each rank N // world_size samples of a per-epoch
-permutation (the at most world_size - 1 left-over samples differ every epoch), evaluation pads the
-ranks' strided shares to equal length and masks the padding. The price is that shards must sit on a
-seekable file system (local disk or a shared mount), not be streamed from an object store.
+Collectives hang unless every rank runs the same number of steps, and PP / F are exact numbers only if
+evaluation sees every sample once. Two readers give both:
 
-Each shard is opened with wids' `IndexedTarSamples` (an mmap index of the tar members). wids'
-`ShardListDataset` is not used: it copies shards into a cache directory or, given the shard paths
-as local names, creates lock files beside them (fails on read-only shared storage), and it prints
-to stderr on every construction. The shard list and lengths come from the manifest instead.
+- `SplitDataset` (indexed, the default): random access through wids' `IndexedTarSamples` (an mmap index
+  of the tar members). Training gives each rank N // world_size samples of a per-epoch permutation (the
+  at most world_size - 1 left-over samples differ every epoch); evaluation pads the ranks' strided shares
+  to equal length and masks the padding. Needs a seekable file system (local disk or a shared mount).
+- `StreamingSplit` (`data.shard_url`): sequential reading of whole shards through any URL WebDataset's
+  `gopen` opens (`pipe:`, http) or fsspec (`s3://`, `gs://`, ...). Each (rank, loader process) slot reads
+  its own shards of a per-epoch shard permutation, cycling through them until it has its fixed quota of
+  N // world_size samples per rank (a shard may be read again in an epoch and a few samples skipped:
+  the price of streaming). Evaluation gives rank r the shards r, r + world_size, ...; the batch count of
+  every rank follows from the manifest's per-shard counts, so the ranks pad to the same count without
+  communicating. Needs at least world_size x loader processes shards.
+
+Samples come out as uint8 tensors (C, H, W): decoding and augmentation run in the loader processes and
+normalisation runs on the training device (`iil_dist.data.augment.normalize`), so a batch crosses the
+process boundary and the host-to-device copy at a quarter of the float32 size. wids' `ShardListDataset`
+is not used: it copies shards into a cache directory or creates lock files beside them (fails on
+read-only shared storage) and prints to stderr on every construction.
 """
 
+from __future__ import annotations
+
+import io
 import logging
 import math
+import multiprocessing
+import tarfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from wids.wids import IndexedTarSamples
 
 from iil_dist.data.shards import read_manifest
@@ -30,10 +46,43 @@ from iil_dist.data.shards import read_manifest
 logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Transform = Callable[..., torch.Tensor]
 
 
 class SampleDecodeError(ValueError):
     """A sample whose image or label cannot be decoded; the message names the shard and the key."""
+
+
+class SampleDecoder:
+    """Turns a sample's members (`cls` and `png` or `jpg` bytes) into (uint8 (C, H, W), label)."""
+
+    def __init__(self, manifest: dict) -> None:
+        self.num_classes = int(manifest["num_classes"])
+        self.channels = int(manifest["channels"])
+        # a fixed image_size means every stored image has that size; 0 means the sizes vary
+        self.image_size = 0 if manifest.get("max_side") else int(manifest["image_size"])
+        self._mode = "L" if self.channels == 1 else "RGB"
+
+    def __call__(self, members: dict[str, bytes], key: str | None, where: Any) -> tuple[torch.Tensor, int]:
+        # anything the image or label decoders raise means the same thing to the caller: this sample is
+        # broken; say where it is, never skip it silently
+        try:
+            data = members.get("png", members.get("jpg"))
+            if data is None:
+                raise ValueError(f"no png or jpg member, only {sorted(members)}")
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                # sources keep some images in other modes (CMYK or grayscale JPEGs in ImageNet)
+                pixels = np.array(image if image.mode == self._mode else image.convert(self._mode))
+            if self.image_size and pixels.shape[:2] != (self.image_size, self.image_size):
+                raise ValueError(f"image size {pixels.shape[1::-1]}, expected {self.image_size}")
+            label = int(members["cls"].decode("ascii"))
+            if not 0 <= label < self.num_classes:
+                raise ValueError(f"label {label} outside 0..{self.num_classes - 1}")
+        except Exception as exc:
+            raise SampleDecodeError(f"cannot decode sample {key!r} in shard {where}: {exc!r}") from exc
+        x = torch.from_numpy(pixels)
+        return (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()), label
 
 
 class SplitDataset:
@@ -59,13 +108,9 @@ class SplitDataset:
                 f"but num_samples {self._num_samples}"
             )
 
-        self.num_classes = int(self.manifest["num_classes"])
-        self.channels = int(self.manifest["channels"])
-        self.image_size = int(self.manifest["image_size"])
-        self._mode = "L" if self.channels == 1 else "RGB"
-        norm = self.manifest["normalization"]
-        self._mean = torch.tensor(norm["mean"], dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.tensor(norm["std"], dtype=torch.float32).view(-1, 1, 1)
+        self._decoder = SampleDecoder(self.manifest)
+        self.num_classes = self._decoder.num_classes
+        self.channels = self._decoder.channels
         self._max_open_shards = max_open_shards
         self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
 
@@ -73,37 +118,16 @@ class SplitDataset:
         return self._num_samples
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        """Sample `i`: float32 (C, H, W), normalised with the manifest's mean and std, and its label."""
+        """Sample `i`: uint8 (C, H, W) and its label."""
         if not -self._num_samples <= i < self._num_samples:
             raise IndexError(f"index {i} out of range for split {self.split!r} of {self._num_samples} samples")
         i %= self._num_samples
         shard_id = int(np.searchsorted(self._shard_ends, i, side="right"))
         inner = i - (int(self._shard_ends[shard_id - 1]) if shard_id else 0)
         sample = self._shard(shard_id)[inner]
-        pixels, label = self._decode(sample, self._shard_paths[shard_id])
-
-        x = torch.from_numpy(pixels).to(torch.float32).div_(255.0)
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-        return (x - self._mean) / self._std, label
-
-    def _decode(self, sample: dict, path: Path) -> tuple[np.ndarray, int]:
         key = sample.get("__key__")
-        # anything the image or label decoders raise means the same thing to the caller: this sample is
-        # broken; say where it is, never skip it silently
-        try:
-            with Image.open(sample[".png"]) as image:
-                image.load()
-                if image.mode != self._mode:
-                    raise ValueError(f"image mode {image.mode}, expected {self._mode}")
-                if image.size != (self.image_size, self.image_size):
-                    raise ValueError(f"image size {image.size}, expected {self.image_size}")
-                pixels = np.array(image)
-            label = int(sample[".cls"].read().decode("ascii"))
-            if not 0 <= label < self.num_classes:
-                raise ValueError(f"label {label} outside 0..{self.num_classes - 1}")
-        except Exception as exc:
-            raise SampleDecodeError(f"cannot decode sample {key!r} in shard {path}: {exc!r}") from exc
-        return pixels, label
+        members = {ext.lstrip("."): value.read() for ext, value in sample.items() if ext.startswith(".")}
+        return self._decoder(members, key, self._shard_paths[shard_id])
 
     def _shard(self, shard_id: int) -> IndexedTarSamples:
         if shard_id in self._open:
@@ -124,10 +148,9 @@ class SplitDataset:
             oldest.close()
         return tar
 
-    def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split stacked: (N, C, H, W) float32 and (N,) int64; meant for small splits."""
-        images, labels = zip(*(self[i] for i in range(len(self))), strict=True)
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    def iter_all(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """Every sample in split order."""
+        return (self[i] for i in range(len(self)))
 
     def close(self) -> None:
         """Close the open shard files; later reads reopen them."""
@@ -206,25 +229,59 @@ def eval_indices(
     ]
 
 
+# Loader processes are forked, whatever the rank's own start method: a rank started by spawn (torchrun
+# helpers, tests) would otherwise spawn them too, re-importing torch for ~1.5 s per loader and epoch.
+# They touch no CUDA state, so forking a rank that uses a GPU is safe.
+_LOADER_CONTEXT = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*items, strict=True)
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one sample's augmentation: a function of (seed, epoch, sample), so the same crops come out
+    whichever rank or loader process reads the sample, and a resumed run draws them again."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class _Transformed:
+    """A split seen through a per-sample transform (picklable: loader processes build their own)."""
+
+    def __init__(self, dataset: Any, transform: Transform | None, seed: int | None, epoch: int) -> None:
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[i]
+        if self.transform is None:
+            return image, label
+        if self.seed is None:  # a deterministic (evaluation) transform
+            return self.transform(image), label
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
+        return self.transform(image, generator), label
+
+
 def _load(
-    dataset: SplitDataset, batches: list[np.ndarray], num_workers: int
+    dataset: Any, batches: list[np.ndarray], num_workers: int, pin_memory: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     index_lists = [[int(i) for i in batch] for batch in batches]
     if num_workers == 0:
         for batch in index_lists:
             yield _collate([dataset[i] for i in batch])
         return
-    loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(
+        dataset, batch_sampler=index_lists, num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
+        multiprocessing_context=_LOADER_CONTEXT,
+    )  # fmt: skip
     yield from loader
 
 
 def train_batches(
-    dataset: SplitDataset,
+    dataset: Any,
     *,
     epoch: int,
     seed: int,
@@ -232,37 +289,281 @@ def train_batches(
     world_size: int,
     batch_size: int,
     num_workers: int = 0,
+    transform: Transform | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """This rank's training batches (x, y, sample indices) of `epoch`; every rank yields the same count."""
+    """This rank's training batches (x uint8, y, sample indices) of `epoch`; every rank yields the same
+    count. `transform(image, generator)` augments each sample with a generator seeded per sample."""
     if len(dataset) < world_size:
         name = getattr(dataset, "split", "?")
         raise ValueError(f"split {name} has {len(dataset)} samples, fewer than world_size {world_size}")
+    if isinstance(dataset, StreamingSplit):
+        yield from dataset.train_batches(
+            epoch=epoch, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
+            num_workers=num_workers, transform=transform, pin_memory=pin_memory,
+        )  # fmt: skip
+        return
     batches = train_indices(
         len(dataset), epoch=epoch, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size
     )
-    for indices, (x, y) in zip(batches, _load(dataset, batches, num_workers), strict=True):
+    view = _Transformed(dataset, transform, seed, epoch)
+    for indices, (x, y) in zip(batches, _load(view, batches, num_workers, pin_memory), strict=True):
         yield x, y, torch.from_numpy(indices)
 
 
 def eval_batches(
-    dataset: SplitDataset, *, rank: int, world_size: int, batch_size: int, num_workers: int = 0
+    dataset: Any,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_workers: int = 0,
+    transform: Transform | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """This rank's evaluation batches (x, y, mask); over all ranks, mask True marks every sample once."""
+    """This rank's evaluation batches (x uint8, y, mask); over all ranks, mask True marks every sample once,
+    and every rank yields the same number of batches."""
+    if isinstance(dataset, StreamingSplit):
+        yield from dataset.eval_batches(
+            rank=rank, world_size=world_size, batch_size=batch_size, num_workers=num_workers,
+            transform=transform, pin_memory=pin_memory,
+        )  # fmt: skip
+        return
     batches = eval_indices(len(dataset), rank=rank, world_size=world_size, batch_size=batch_size)
     index_batches = [indices for indices, _ in batches]
-    for (_, mask), (x, y) in zip(batches, _load(dataset, index_batches, num_workers), strict=True):
+    view = _Transformed(dataset, transform, None, 0)
+    for (_, mask), (x, y) in zip(batches, _load(view, index_batches, num_workers, pin_memory), strict=True):
         yield x, y, torch.from_numpy(mask)
 
 
 class InMemorySplit:
-    """A split decoded once and kept in memory: indexed like SplitDataset, for small datasets."""
+    """A split decoded once and kept in memory as uint8: indexed like SplitDataset, for small datasets."""
 
-    def __init__(self, dataset: SplitDataset) -> None:
+    def __init__(self, dataset: Any) -> None:
         self.split = dataset.split
-        self.images, self.labels = dataset.load_all()
+        self.images, labels = [], []
+        for image, label in dataset.iter_all():
+            self.images.append(image)
+            labels.append(label)
+        self.labels = torch.tensor(labels, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
+
+
+def open_url(url: str) -> Any:
+    """A readable binary stream of `url`: WebDataset's gopen (local paths, pipe:, http(s), gs via gsutil),
+    or fsspec for any other scheme it knows (s3://, az://, ...; their packages must be installed)."""
+    from urllib.parse import urlparse
+
+    from webdataset.gopen import gopen, gopen_schemes
+
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file") or scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of every sample of a shard, read sequentially from `url`."""
+    stream = open_url(url)
+    try:
+        key, members = None, {}
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name
+                if "/" in name or ".." in name:
+                    raise ValueError(f"shard {url}: member name {name!r} is not a plain sample file")
+                stem, _, ext = name.partition(".")
+                if stem != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = stem, {}
+                members[ext] = tar.extractfile(member).read()
+        if key is not None:
+            yield key, members
+    except tarfile.TarError as exc:
+        raise ValueError(f"shard {url} is not a readable tar stream: {exc!r}") from exc
+    finally:
+        stream.close()
+
+
+class _StreamSlots(IterableDataset):
+    """Loader-process side of StreamingSplit: each process reads the shards of its slot and yields batches."""
+
+    def __init__(self, split: StreamingSplit, plans: list[dict[str, Any]], transform: Transform | None) -> None:
+        self.split, self.plans, self.transform = split, plans, transform
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        plan = self.plans[info.id if info is not None else 0]
+        yield from self.split.slot_batches(plan, self.transform)
+
+
+class StreamingSplit:
+    """One split read by streaming whole shards from `url_template.format(file=...)` (see the module doc)."""
+
+    def __init__(self, url_template: str, split: str, manifest: dict, shuffle_buffer: int = 2000) -> None:
+        if split not in manifest["splits"]:
+            raise ValueError(f"split {split!r} is not in the manifest; it has {list(manifest['splits'])}")
+        self.split = split
+        self.url_template = url_template
+        entry = manifest["splits"][split]
+        self.shards = [(url_template.format(file=s["file"]), int(s["num_samples"])) for s in entry["shards"]]
+        self._num_samples = int(entry["num_samples"])
+        self._decoder = SampleDecoder(manifest)
+        self.channels = self._decoder.channels
+        self.shuffle_buffer = shuffle_buffer
+
+    def __len__(self) -> int:
+        return self._num_samples
+
+    def _samples(self, shard: int) -> Iterator[tuple[torch.Tensor, int, str]]:
+        url, expected = self.shards[shard]
+        count = 0
+        for key, members in iter_tar_samples(url):
+            image, label = self._decoder(members, key, url)
+            count += 1
+            yield image, label, key
+        if count != expected:
+            raise ValueError(f"shard {url} holds {count} samples, the manifest says {expected} (truncated?)")
+
+    def iter_all(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for shard in range(len(self.shards)):
+            for image, label, _ in self._samples(shard):
+                yield image, label
+
+    def _slots(self, world_size: int, num_workers: int) -> int:
+        slots = world_size * max(1, num_workers)
+        if len(self.shards) < slots:
+            raise ValueError(
+                f"split {self.split} has {len(self.shards)} shards, fewer than ranks x loader processes ({slots}); "
+                "write smaller shards (data.shard_size_mb, data.samples_per_shard) or use fewer data.loader_workers"
+            )
+        return slots
+
+    def train_batches(self, *, epoch: int, seed: int, rank: int, world_size: int, batch_size: int,
+                      num_workers: int, transform: Transform | None, pin_memory: bool) -> Iterator[Batch]:  # fmt: skip
+        slots = self._slots(world_size, num_workers)
+        workers = max(1, num_workers)
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.shards))
+        quota = self._num_samples // world_size
+        plans = []
+        for w in range(workers):
+            slot = rank * workers + w
+            share = quota // workers + (w < quota % workers)
+            plans.append({"shards": order[slot::slots].tolist(), "quota": share, "batch_size": batch_size,
+                          "seed": [seed, epoch, slot], "epoch": epoch, "base_seed": seed, "train": True})  # fmt: skip
+        for x, y in self._run(plans, transform, num_workers, pin_memory):
+            yield x, y, torch.full((len(y),), -1, dtype=torch.int64)  # stream positions are not tracked
+
+    def eval_batches(self, *, rank: int, world_size: int, batch_size: int, num_workers: int,
+                     transform: Transform | None, pin_memory: bool) -> Iterator[Batch]:  # fmt: skip
+        workers = max(1, num_workers)
+
+        def plan(r: int, w: int) -> list[int]:
+            return list(range(len(self.shards)))[r::world_size][w::workers]
+
+        def num_batches(r: int) -> int:
+            return sum(math.ceil(sum(self.shards[s][1] for s in plan(r, w)) / batch_size) for w in range(workers))
+
+        plans = [{"shards": plan(rank, w), "batch_size": batch_size, "train": False} for w in range(workers)]
+        produced, shape = 0, None
+        for x, y in self._run(plans, transform, num_workers, pin_memory):
+            produced, shape = produced + 1, x.shape[1:]
+            yield x, y, torch.ones(len(y), dtype=torch.bool)
+        # pad to the largest rank's batch count, known to every rank from the manifest
+        for _ in range(max(num_batches(r) for r in range(world_size)) - produced):
+            if shape is None:
+                shape = self._placeholder_shape(transform)
+            yield (
+                torch.zeros((1, *shape), dtype=torch.uint8),
+                torch.zeros(1, dtype=torch.int64),
+                torch.zeros(1, dtype=torch.bool),
+            )
+
+    def _placeholder_shape(self, transform: Transform | None) -> tuple[int, ...]:
+        size = getattr(transform, "size", 0) or self._decoder.image_size
+        return (self.channels, size, size)
+
+    def _run(self, plans: list[dict[str, Any]], transform: Transform | None, num_workers: int,
+             pin_memory: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        if num_workers == 0:
+            yield from self.slot_batches(plans[0], transform)
+            return
+        slots = _StreamSlots(self, plans, transform)
+        yield from DataLoader(
+            slots, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+            multiprocessing_context=_LOADER_CONTEXT,
+        )  # fmt: skip
+
+    def slot_batches(
+        self, plan: dict[str, Any], transform: Transform | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one slot: its training quota (cycling over its shards, shuffled through a buffer)
+        or, for evaluation, every sample of its shards once."""
+        batch_size = plan["batch_size"]
+        if not plan["train"]:
+            items = (
+                (transform(image) if transform is not None else image, label)
+                for shard in plan["shards"]
+                for image, label, _ in self._samples(shard)
+            )
+            yield from _batched(items, batch_size)
+            return
+        quota = plan["quota"]
+        if quota == 0:
+            return
+        rng = np.random.default_rng(plan["seed"])
+
+        def endless() -> Iterator[tuple[torch.Tensor, int, str]]:
+            while True:
+                for shard in rng.permutation(plan["shards"]):
+                    yield from self._samples(int(shard))
+
+        # never wait for more samples than the slot's shards hold or its quota needs
+        buffer_size = min(self.shuffle_buffer, quota, sum(self.shards[s][1] for s in plan["shards"]))
+
+        def augmented() -> Iterator[tuple[torch.Tensor, int]]:
+            buffer: list[tuple[torch.Tensor, int, str]] = []
+            for sample in endless():
+                buffer.append(sample)
+                if len(buffer) < buffer_size:
+                    continue
+                image, label, key = buffer.pop(int(rng.integers(len(buffer))))
+                yield self._augment(image, key, plan, transform), label
+
+        # near-equal batches, as the indexed reader cuts them
+        sizes = [len(b) for b in np.array_split(np.arange(quota), math.ceil(quota / batch_size))]
+        stream = augmented() if buffer_size > 1 else (
+            (self._augment(i, k, plan, transform), lbl) for i, lbl, k in endless()
+        )  # fmt: skip
+        for size in sizes:
+            yield _collate([next(stream) for _ in range(size)])
+
+    def _augment(
+        self, image: torch.Tensor, key: str, plan: dict[str, Any], transform: Transform | None
+    ) -> torch.Tensor:
+        if transform is None:
+            return image
+        position = int(key.rsplit("-", 1)[-1])
+        generator = torch.Generator().manual_seed(sample_seed(plan["base_seed"], plan["epoch"], position))
+        return transform(image, generator)
+
+
+def _batched(items: Iterator[tuple[torch.Tensor, int]], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    batch: list[tuple[torch.Tensor, int]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield _collate(batch)
+            batch = []
+    if batch:
+        yield _collate(batch)

@@ -28,7 +28,6 @@ def split_names(num_phases: int) -> list[str]:
 
 
 def build_scenario(
-    images: np.ndarray,
     labels: np.ndarray,
     *,
     num_phases: int,
@@ -36,25 +35,31 @@ def build_scenario(
     test_fraction: float,
     split_seed: int,
     order_seed: int,
+    num_train: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Split sample indices into base, phase-01..phase-NN and test (sorted int64 arrays, disjoint, covering).
 
     Args:
-        images: source images, only their count is used.
-        labels: integer class labels (N,).
+        labels: integer class labels (N,) of every sample of the source.
         num_phases: number of incremental sets T the non-base half of the training set is cut into.
         base_fraction: class-stratified share of the training set (non-test samples) that forms D(0).
-        test_fraction: class-stratified share of all samples held out as the test set.
+        test_fraction: class-stratified share of all samples held out as the test set, for a source
+            without an official test split.
         split_seed: seeds the test, base and incremental-set contents.
         order_seed: seeds only the order of the incremental sets.
+        num_train: samples 0..num_train-1 are the training set and the rest the official test set
+            (METHOD.md §2); None carves the test set out with `test_fraction`.
     """
     labels = np.asarray(labels)
-    _check_scenario_args(images, labels, num_phases, base_fraction, test_fraction, split_seed, order_seed)
+    _check_scenario_args(labels, num_phases, base_fraction, test_fraction, split_seed, order_seed)
 
     # one generator drawn in a fixed order (test, base, sets), so split_seed alone fixes every set's content
     split_rng = np.random.default_rng(split_seed)
     all_indices = np.arange(len(labels), dtype=np.int64)
-    test, train = _stratified_take(all_indices, labels, test_fraction, split_rng)
+    if num_train is None or num_train >= len(labels):
+        test, train = _stratified_take(all_indices, labels, test_fraction, split_rng)
+    else:
+        train, test = all_indices[:num_train], all_indices[num_train:]
     base, incremental = _stratified_take(train, labels, base_fraction, split_rng)
     if len(test) == 0:
         raise ValueError(f"data.test_fraction={test_fraction} leaves the test split empty")
@@ -75,7 +80,6 @@ def build_scenario(
 
 
 def _check_scenario_args(
-    images: np.ndarray,
     labels: np.ndarray,
     num_phases: int,
     base_fraction: float,
@@ -85,8 +89,6 @@ def _check_scenario_args(
 ) -> None:
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 1-d integer array, got shape {labels.shape} dtype {labels.dtype}")
-    if len(images) != len(labels):
-        raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
     if not isinstance(num_phases, int) or isinstance(num_phases, bool) or num_phases < 1:
         raise ValueError(f"data.num_phases must be >= 1, got {num_phases!r}")
     for name, value in (("base_fraction", base_fraction), ("test_fraction", test_fraction)):
@@ -142,9 +144,13 @@ def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def _rotate(image: np.ndarray, angle_deg: float) -> np.ndarray:
+    """`image` rotated like the shard writer rotates (see `rotate`)."""
+    return np.asarray(rotate(Image.fromarray(image), angle_deg))
+
+
+def rotate(image: Image.Image, angle_deg: float) -> Image.Image:
     # counter-clockwise for positive angles; corners that come from outside the image are black
-    rotated = Image.fromarray(image).rotate(angle_deg, resample=Image.Resampling.BILINEAR, fillcolor=0)
-    return np.asarray(rotated)
+    return image.rotate(angle_deg, resample=Image.Resampling.BILINEAR, fillcolor=0)
 
 
 def _split_kind(split: str) -> str:
@@ -175,6 +181,26 @@ def apply_drift(
     Returns:
         The images (M, image_size, image_size[, C]) uint8 and the rotation angle of each, degrees (M,).
     """
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"data.image_size must be a positive integer, got {image_size!r}")
+    positions = drift_source_positions(len(images), split, drift=drift)
+    angles = drift_angles(
+        len(images), split, drift=drift, seed=seed, rotation_min_deg=rotation_min_deg, rotation_max_deg=rotation_max_deg
+    )
+    upright = resize_images(images, image_size)
+    out = np.stack([_rotate(upright[p], a) if a else upright[p] for p, a in zip(positions, angles, strict=True)])
+    return out, angles
+
+
+def drift_angles(
+    num_images: int, split: str, *, drift: str, seed: int, rotation_min_deg: float, rotation_max_deg: float
+) -> np.ndarray:
+    """Rotation angle in degrees of each output image of a split of `num_images` source images (0 = upright).
+
+    Base images stay upright; every phase image gets an angle drawn uniformly from
+    [rotation_min_deg, rotation_max_deg] with a random sign; the test split is doubled, upright then
+    rotated. The angles depend only on `seed` and the split name.
+    """
     if drift not in DRIFTS:
         raise ValueError(f"data.drift must be one of {list(DRIFTS)}, got {drift!r}")
     if not 0.0 <= rotation_min_deg <= rotation_max_deg <= 180.0:
@@ -182,23 +208,15 @@ def apply_drift(
             "data.rotation_min_deg and data.rotation_max_deg must satisfy 0 <= min <= max <= 180, "
             f"got {rotation_min_deg!r} and {rotation_max_deg!r}"
         )
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"data.image_size must be a positive integer, got {image_size!r}")
     kind = _split_kind(split)
-
-    upright = resize_images(images, image_size)
-    no_rotation = np.zeros(len(upright), dtype=np.float64)
+    no_rotation = np.zeros(num_images, dtype=np.float64)
     if drift == "none" or kind == BASE:
-        return upright, no_rotation
-
+        return no_rotation
     rng = np.random.default_rng(derived_seed(seed, split))
-    magnitudes = rng.uniform(rotation_min_deg, rotation_max_deg, size=len(upright))
-    signs = np.where(rng.random(len(upright)) < 0.5, -1.0, 1.0)
+    magnitudes = rng.uniform(rotation_min_deg, rotation_max_deg, size=num_images)
+    signs = np.where(rng.random(num_images) < 0.5, -1.0, 1.0)
     angles = signs * magnitudes
-    rotated = np.stack([_rotate(img, a) for img, a in zip(upright, angles, strict=True)])
-    if kind == "phase":
-        return rotated, angles
-    return np.concatenate([upright, rotated]), np.concatenate([no_rotation, angles])
+    return angles if kind == "phase" else np.concatenate([no_rotation, angles])
 
 
 def drift_source_positions(num_images: int, split: str, *, drift: str) -> np.ndarray:

@@ -3,54 +3,69 @@
 Layout of a scenario directory:
 
     manifest.json                 written last, atomically: its presence marks a complete scenario
-    base/base-000000.tar ...      WebDataset shards, members <key>.cls (ascii label) and <key>.png
+    base/base-000000.tar ...      WebDataset shards, members <key>.cls (ascii label) and <key>.png|jpg
     base/index.json               wids descriptor of the split (relative shard urls)
     phase-01/ ... test/           the same for every other split
+    .prepare-journal.json         while writing: the shards finished so far (a rerun skips them)
 
 Keys are "<split>-<6-digit position in split>": no "." or "/" so that WebDataset and wids both cut
 the member name into key and extension the same way. Same arguments give byte-identical files.
+
+Writing scales to ImageNet: every shard is one task for a pool of processes, which receives only
+its own samples' labels, drift angles and image references (array rows or file names) and returns
+its checksum, so memory stays flat in the dataset size; at most two tasks per process are in
+flight. A shard is written to a temporary name, synced and renamed; the journal records it, and a
+rerun with the same arguments skips every shard whose checksum still matches.
 """
+
+from __future__ import annotations
 
 import hashlib
 import io
 import json
 import logging
+import math
 import os
+import tarfile
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from iil_dist.data.scenario import apply_drift, build_scenario, drift_source_positions, split_names
-from iil_dist.data.sources import load_source
+from iil_dist.data.scenario import build_scenario, drift_angles, drift_source_positions, rotate, split_names
+from iil_dist.data.sources import EncodedImage, Items, RawImage, load_source
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WIDS_INDEX = "index.json"
-# fixed tar member metadata: TarWriter stamps the current time unless told otherwise
+JOURNAL = ".prepare-journal.json"
+ENCODINGS = ("png", "jpeg", "keep")
+# fixed tar member metadata: the current time or user would make every write differ
 _TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
 _TAR_OWNER = "iil"
+# tar header and padding per member, two members per sample: used when shards are cut by size
+_TAR_OVERHEAD_PER_SAMPLE = 3 * 512
+# normalisation statistics are estimated from at most this many base images, spread evenly
+_STATS_SAMPLES = 5000
+# images rendered per split to estimate the encoded size when shards are cut by size
+_SIZE_PROBE = 16
 
-_ARG_FIELDS = (
-    "source",
-    "num_phases",
-    "base_fraction",
-    "test_fraction",
-    "split_seed",
-    "order_seed",
-    "drift",
-    "rotation_min_deg",
-    "rotation_max_deg",
-    "image_size",
-    "samples_per_shard",
-)
+# the arguments that define a scenario: equal values give byte-identical shards
+SCENARIO_ARGS = (
+    "source", "class_list", "num_phases", "base_fraction", "test_fraction", "split_seed", "order_seed", "drift",
+    "rotation_min_deg", "rotation_max_deg", "image_size", "max_side", "encode", "jpeg_quality",
+    "samples_per_shard", "shard_size_mb",
+)  # fmt: skip
 _TOP_FIELDS = (
     "format_version",
-    *_ARG_FIELDS,
+    *SCENARIO_ARGS,
     "num_classes",
     "channels",
     "normalization",
@@ -67,6 +82,114 @@ def sample_key(split: str, position: int) -> str:
     return f"{split}-{position:06d}"
 
 
+@dataclass(frozen=True)
+class RenderOptions:
+    """How a source image becomes the bytes stored in a shard."""
+
+    mode: str  # "L" or "RGB"
+    image_size: int  # square side to resize to; 0 keeps the source size
+    max_side: int  # longest side after downscaling (aspect kept); 0 leaves it
+    encode: str  # png | jpeg | keep (the source file's bytes where pixels are unchanged, else JPEG)
+    jpeg_quality: int
+
+
+def render(raw: RawImage, angle: float, opts: RenderOptions) -> tuple[bytes, str]:
+    """The stored bytes and extension (`png` or `jpg`) of one sample after resize and drift."""
+    if isinstance(raw, EncodedImage) and opts.encode == "keep" and raw.ext in ("jpg", "png"):
+        if not opts.image_size and not angle and (not opts.max_side or _longest_side(raw) <= opts.max_side):
+            return raw.data, raw.ext
+    image = Image.fromarray(raw) if isinstance(raw, np.ndarray) else _open(raw)
+    if image.mode != opts.mode:
+        image = image.convert(opts.mode)
+    if opts.image_size:
+        image = image.resize((opts.image_size, opts.image_size), Image.Resampling.BILINEAR)
+    if opts.max_side and max(image.size) > opts.max_side:
+        scale = opts.max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    if angle:
+        image = rotate(image, angle)
+    buffer = io.BytesIO()
+    if opts.encode == "png" or (opts.encode == "keep" and isinstance(raw, np.ndarray)):
+        # fixed encoder settings: same pixels, same bytes (PNG carries no timestamp unless asked to)
+        image.save(buffer, format="PNG", optimize=False, compress_level=6)
+        return buffer.getvalue(), "png"
+    image.save(buffer, format="JPEG", quality=opts.jpeg_quality)
+    return buffer.getvalue(), "jpg"
+
+
+def _open(raw: EncodedImage) -> Image.Image:
+    image = Image.open(io.BytesIO(raw.data))
+    image.load()
+    return image
+
+
+def _longest_side(raw: EncodedImage) -> int:
+    with Image.open(io.BytesIO(raw.data)) as image:  # reads the header only
+        return max(image.size)
+
+
+@dataclass
+class ShardTask:
+    """One shard to write: its samples' images, labels and drift angles, and which count for statistics."""
+
+    path: Path
+    split: str
+    first_position: int
+    items: Items
+    labels: np.ndarray
+    angles: np.ndarray
+    stats_rows: np.ndarray  # rows of this shard whose pixels feed the normalisation statistics
+    opts: RenderOptions
+
+
+@dataclass
+class ShardResult:
+    file: str
+    num_samples: int
+    sha256: str
+    bytes: int
+    # per channel: pixel count, sum and sum of squares of pixel / 255 over `stats_rows`
+    stats: list[list[float]] = field(default_factory=list)
+
+
+def write_shard(task: ShardTask) -> ShardResult:
+    """Renders and writes one shard (temporary name, fsync, rename); runs in a pool process."""
+    channels = 1 if task.opts.mode == "L" else 3
+    sums = np.zeros((3, channels))
+    stats_rows = set(task.stats_rows.tolist())
+
+    def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+        for row in range(len(task.labels)):
+            data, ext = render(task.items[row], float(task.angles[row]), task.opts)
+            if row in stats_rows:
+                pixels = np.asarray(Image.open(io.BytesIO(data)).convert(task.opts.mode), dtype=np.float64) / 255.0
+                pixels = pixels.reshape(-1, channels)
+                np.add(sums, [np.full(channels, len(pixels)), pixels.sum(0), (pixels**2).sum(0)], out=sums)
+            key = sample_key(task.split, task.first_position + row)
+            yield key, {"cls": str(int(task.labels[row])).encode("ascii"), ext: data}
+
+    _write_tar(task.path, samples())
+    name = f"{task.split}/{task.path.name}"
+    size = task.path.stat().st_size
+    return ShardResult(name, len(task.labels), file_sha256(task.path), size, sums.tolist())
+
+
+def _write_tar(path: Path, samples: Iterator[tuple[str, dict[str, bytes]]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as stream:
+        with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, members in samples:
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
+                    info.uname = info.gname = _TAR_OWNER
+                    tar.addfile(info, io.BytesIO(data))
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+
+
 def write_scenario(
     out_dir: Path,
     *,
@@ -81,156 +204,226 @@ def write_scenario(
     rotation_max_deg: float,
     image_size: int,
     samples_per_shard: int,
+    source_path: str = "",
+    class_list: str = "",
+    max_side: int = 0,
+    encode: str = "png",
+    jpeg_quality: int = 90,
+    shard_size_mb: float = 0.0,
+    num_workers: int = 1,
+    progress: bool = False,
 ) -> dict:
     """Build the scenario from `source`, write its shards and manifest under `out_dir`, return the manifest.
 
-    Normalisation statistics are computed on the base split as written (after resizing), on the
-    pixel / 255 scale. An existing manifest is removed first, so an interrupted rewrite leaves none.
+    `num_workers` processes write shards in parallel (0: one per CPU). Shards hold `samples_per_shard`
+    samples, or, with `shard_size_mb` > 0, as many as make about that many MB. Normalisation statistics
+    are computed on up to 5,000 base images as written, on the pixel / 255 scale. An existing manifest is
+    removed first, so an interrupted rewrite leaves none; finished shards are reused by a rerun.
     """
     args = {
-        "source": source,
-        "num_phases": num_phases,
-        "base_fraction": base_fraction,
-        "test_fraction": test_fraction,
-        "split_seed": split_seed,
-        "order_seed": order_seed,
-        "drift": drift,
-        "rotation_min_deg": rotation_min_deg,
-        "rotation_max_deg": rotation_max_deg,
-        "image_size": image_size,
-        "samples_per_shard": samples_per_shard,
-    }
-    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise ValueError(f"data.samples_per_shard must be a positive integer, got {samples_per_shard!r}")
-    images, labels = load_source(source)
-    scenario = build_scenario(
-        images,
-        labels,
-        num_phases=num_phases,
-        base_fraction=base_fraction,
-        test_fraction=test_fraction,
-        split_seed=split_seed,
-        order_seed=order_seed,
-    )
-    num_classes = int(labels.max()) + 1
-    channels = 1 if images.ndim == 3 else images.shape[-1]
-
+        "source": source, "class_list": class_list, "num_phases": num_phases, "base_fraction": base_fraction,
+        "test_fraction": test_fraction, "split_seed": split_seed, "order_seed": order_seed, "drift": drift,
+        "rotation_min_deg": rotation_min_deg, "rotation_max_deg": rotation_max_deg, "image_size": image_size,
+        "max_side": max_side, "encode": encode, "jpeg_quality": jpeg_quality,
+        "samples_per_shard": samples_per_shard, "shard_size_mb": shard_size_mb,
+    }  # fmt: skip
+    _check_write_args(args)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
+    src = load_source(source, source_path, class_list, cache_dir=out_dir / ".source")
+    scenario = build_scenario(
+        src.labels, num_phases=num_phases, base_fraction=base_fraction, test_fraction=test_fraction,
+        split_seed=split_seed, order_seed=order_seed, num_train=src.num_train if src.has_test_split else None,
+    )  # fmt: skip
+    opts = RenderOptions("L" if src.channels == 1 else "RGB", image_size, max_side, encode, jpeg_quality)
+    num_classes = len(src.class_names)
+
+    tasks = []
+    for split in split_names(num_phases):
+        tasks += _plan_split(out_dir, split, scenario[split], src, args, opts)
+    results = _run_tasks(out_dir, tasks, args, num_workers, progress)
 
     splits: dict[str, dict] = {}
-    mean = std = None
     for split in split_names(num_phases):
-        indices = scenario[split]
-        split_images, _ = apply_drift(
-            images[indices],
-            split,
-            drift=drift,
-            seed=split_seed,
-            rotation_min_deg=rotation_min_deg,
-            rotation_max_deg=rotation_max_deg,
-            image_size=image_size,
-        )
-        split_labels = labels[indices][drift_source_positions(len(indices), split, drift=drift)]
-        if split == "base":
-            mean, std = _channel_stats(split_images)
-        splits[split] = _write_split(out_dir, split, split_images, split_labels, num_classes, samples_per_shard)
-        splits[split]["num_source_samples"] = len(indices)
-
+        shard_results = [results[t.path] for t in tasks if t.split == split]
+        labels = np.concatenate([t.labels for t in tasks if t.split == split])
+        splits[split] = _split_entry(out_dir, split, shard_results, labels, num_classes)
+        splits[split]["num_source_samples"] = len(scenario[split])
+    mean, std = _normalization([results[t.path] for t in tasks if t.split == "base"])
     manifest = {
         "format_version": FORMAT_VERSION,
         **args,
+        "source_path": str(source_path),
         "num_classes": num_classes,
-        "channels": channels,
+        "class_names": src.class_names,
+        "channels": src.channels,
         "normalization": {"mean": mean, "std": std},
         "phases": split_names(num_phases)[1:-1],
         "splits": splits,
     }
     _write_json_atomic(out_dir / MANIFEST, manifest)
+    (out_dir / JOURNAL).unlink(missing_ok=True)
+    _remove_tree(out_dir / ".source")
     logger.info(
-        "wrote scenario %s: %s",
-        out_dir,
-        ", ".join(f"{name} {entry['num_samples']}" for name, entry in splits.items()),
+        "wrote scenario %s: %s", out_dir, ", ".join(f"{name} {entry['num_samples']}" for name, entry in splits.items())
     )
     return manifest
 
 
-def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    pixels = images.reshape(len(images), -1, 1 if images.ndim == 3 else images.shape[-1]) / 255.0
-    mean = pixels.mean(axis=(0, 1))
-    std = pixels.std(axis=(0, 1))
-    return [float(m) for m in mean], [float(s) for s in std]
+def _check_write_args(args: dict[str, Any]) -> None:
+    if not isinstance(args["samples_per_shard"], int) or args["samples_per_shard"] < 1:
+        raise ValueError(f"data.samples_per_shard must be a positive integer, got {args['samples_per_shard']!r}")
+    if args["encode"] not in ENCODINGS:
+        raise ValueError(f"data.encode must be one of {list(ENCODINGS)}, got {args['encode']!r}")
+    if not 1 <= args["jpeg_quality"] <= 100:
+        raise ValueError(f"data.jpeg_quality must be in 1..100, got {args['jpeg_quality']!r}")
+    for name in ("image_size", "max_side"):
+        if not isinstance(args[name], int) or args[name] < 0:
+            raise ValueError(f"data.{name} must be an integer >= 0, got {args[name]!r}")
 
 
-def _encode_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    # fixed encoder settings: same pixels, same bytes (PNG carries no timestamp unless asked to)
-    Image.fromarray(image).save(buffer, format="PNG", optimize=False, compress_level=6)
-    return buffer.getvalue()
-
-
-def _write_split(
-    out_dir: Path,
-    split: str,
-    images: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
-    samples_per_shard: int,
-) -> dict:
+def _plan_split(
+    out_dir: Path, split: str, indices: np.ndarray, src: Any, args: dict[str, Any], opts: RenderOptions
+) -> list[ShardTask]:
+    """The shard tasks of one split, in order; the same arguments always give the same plan."""
+    drift = args["drift"]
+    positions = drift_source_positions(len(indices), split, drift=drift)
+    source_rows = indices[positions]
+    labels = src.labels[source_rows]
+    angles = drift_angles(
+        len(indices), split, drift=drift, seed=args["split_seed"],
+        rotation_min_deg=args["rotation_min_deg"], rotation_max_deg=args["rotation_max_deg"],
+    )  # fmt: skip
+    total = len(source_rows)
+    per_shard = args["samples_per_shard"]
+    if args["shard_size_mb"] > 0:
+        probe = range(min(_SIZE_PROBE, total))
+        mean_bytes = np.mean([len(render(src.items[int(source_rows[i])], angles[i], opts)[0]) for i in probe])
+        per_shard = max(1, int(args["shard_size_mb"] * 2**20 / (mean_bytes + _TAR_OVERHEAD_PER_SAMPLE)))
+    stats_step = max(1, math.ceil(total / _STATS_SAMPLES))
     split_dir = out_dir / split
     split_dir.mkdir(exist_ok=True)
+    tasks = []
+    for shard_id, start in enumerate(range(0, total, per_shard)):
+        stop = min(start + per_shard, total)
+        rows = np.arange(start, stop)
+        stats_rows = rows[rows % stats_step == 0] - start if split == "base" else np.empty(0, dtype=np.int64)
+        tasks.append(
+            ShardTask(
+                path=split_dir / f"{split}-{shard_id:06d}.tar",
+                split=split,
+                first_position=start,
+                items=src.items.subset(source_rows[start:stop]),
+                labels=labels[start:stop],
+                angles=angles[start:stop],
+                stats_rows=stats_rows,
+                opts=opts,
+            )  # fmt: skip
+        )
+    return tasks
+
+
+def _run_tasks(
+    out_dir: Path, tasks: list[ShardTask], args: dict[str, Any], num_workers: int, progress: bool
+) -> dict[Path, ShardResult]:
+    """Writes every shard not already written (journal and checksum agree); returns all results."""
+    from tqdm import tqdm
+
+    journal = _read_journal(out_dir, args)
+    results: dict[Path, ShardResult] = {}
+    todo = []
+    for task in tasks:
+        done = journal.get(f"{task.split}/{task.path.name}")
+        if done is not None and task.path.is_file() and file_sha256(task.path) == done["sha256"]:
+            results[task.path] = ShardResult(**done)
+        else:
+            todo.append(task)
+    if results:
+        logger.info("reusing %d of %d shards written before (checksums match)", len(results), len(tasks))
+    total = sum(len(t.labels) for t in tasks)
+    bar = tqdm(total=total, initial=total - sum(len(t.labels) for t in todo), unit="img", desc="prepare",
+               disable=not progress, smoothing=0.05, dynamic_ncols=True)  # fmt: skip
+
+    def finished(task: ShardTask, result: ShardResult) -> None:
+        results[task.path] = result
+        journal[result.file] = result.__dict__
+        _write_json_atomic(out_dir / JOURNAL, {"args": args, "shards": journal})
+        bar.update(result.num_samples)
+
+    workers = num_workers or os.cpu_count() or 1
+    workers = min(workers, len(todo))
+    try:
+        if workers <= 1:
+            for task in todo:
+                finished(task, write_shard(task))
+        else:
+            # spawn: the pool processes import only numpy, PIL and this package's data modules
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                pending: dict[Future, ShardTask] = {}
+                queue = iter(todo)
+                for task in queue:
+                    pending[pool.submit(write_shard, task)] = task
+                    # bounded: at most two tasks per process wait, so memory does not grow with the split
+                    while len(pending) >= 2 * workers:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            finished(pending.pop(future), future.result())
+                for future in list(pending):
+                    finished(pending.pop(future), future.result())
+    finally:
+        bar.close()
+    return results
+
+
+def _read_journal(out_dir: Path, args: dict[str, Any]) -> dict[str, dict]:
+    path = out_dir / JOURNAL
+    if not path.is_file():
+        return {}
+    try:
+        journal = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return journal.get("shards", {}) if journal.get("args") == args else {}
+
+
+def _split_entry(out_dir: Path, split: str, shards: list[ShardResult], labels: np.ndarray, num_classes: int) -> dict:
+    split_dir = out_dir / split
+    keep = {Path(s.file).name for s in shards}
     # shards of an earlier, possibly larger, scenario would otherwise linger beside the new ones
     for stale in split_dir.glob(f"{split}-*.tar"):
-        stale.unlink()
-
-    shards = []
-    for shard_id, start in enumerate(range(0, len(images), samples_per_shard)):
-        name = f"{split}-{shard_id:06d}.tar"
-        stop = min(start + samples_per_shard, len(images))
-        samples = (
-            {
-                "__key__": sample_key(split, i),
-                "cls": str(int(labels[i])).encode("ascii"),
-                "png": _encode_png(images[i]),
-            }
-            for i in range(start, stop)
-        )
-        _write_tar(split_dir / name, samples)
-        shards.append({"file": f"{split}/{name}", "num_samples": stop - start, "sha256": file_sha256(split_dir / name)})
-
+        if stale.name not in keep:
+            stale.unlink()
     wids_index = {
         "wids_version": 1,
         "name": split,
-        "shardlist": [
-            {
-                "url": Path(s["file"]).name,
-                "nsamples": s["num_samples"],
-                "filesize": (out_dir / s["file"]).stat().st_size,
-            }
-            for s in shards
-        ],
+        "shardlist": [{"url": Path(s.file).name, "nsamples": s.num_samples, "filesize": s.bytes} for s in shards],
     }
     _write_json_atomic(split_dir / WIDS_INDEX, wids_index)
     counts = np.bincount(labels, minlength=num_classes)
     return {
-        "num_samples": len(images),
+        "num_samples": int(sum(s.num_samples for s in shards)),
         "class_counts": {str(c): int(n) for c, n in enumerate(counts)},
-        "shards": shards,
+        "shards": [
+            {"file": s.file, "num_samples": s.num_samples, "sha256": s.sha256, "bytes": s.bytes} for s in shards
+        ],
         "wids_index": f"{split}/{WIDS_INDEX}",
     }
 
 
-def _write_tar(path: Path, samples: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as stream:
-        writer = wds.TarWriter(stream, user=_TAR_OWNER, group=_TAR_OWNER, mode=0o444, encoder=False, mtime=_TAR_MTIME)
-        for sample in samples:
-            writer.write(sample)
-        writer.close()
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+def _normalization(base_results: list[ShardResult]) -> tuple[list[float], list[float]]:
+    sums = np.sum([np.asarray(r.stats) for r in base_results], axis=0)
+    count, total, squares = sums
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir():
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -264,18 +457,19 @@ def read_manifest(scenario_dir: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
 
     def require(obj: Any, fields: tuple[str, ...], where: str) -> None:
-        for field in fields:
+        for field_name in fields:
             value = obj
-            for part in field.split("."):
+            for part in field_name.split("."):
                 if not isinstance(value, dict) or part not in value:
-                    raise ValueError(f"{path}: missing field '{where}{field}'")
+                    raise ValueError(f"{path}: missing field '{where}{field_name}'")
                 value = value[part]
 
-    require(manifest, _TOP_FIELDS, "")
+    require(manifest, ("format_version",), "")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {manifest['format_version']!r} is not {FORMAT_VERSION}; re-run prepare"
         )
+    require(manifest, _TOP_FIELDS, "")
     for split, entry in manifest["splits"].items():
         require(entry, _SPLIT_FIELDS, f"splits.{split}.")
         for k, shard in enumerate(entry["shards"]):

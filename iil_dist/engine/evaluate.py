@@ -2,31 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
-from iil_dist.data.reader import SplitDataset, eval_batches
+from iil_dist.data.reader import eval_batches
 from iil_dist.engine.dist import all_reduce_sum, rank, world_size
 
 
 @torch.no_grad()
 def accuracies(
-    models: dict[str, nn.Module], dataset: SplitDataset, batch_size: int, device: torch.device
+    models: dict[str, nn.Module],
+    dataset: Any,
+    batch_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> dict[str, float]:
     """Top-1 accuracy in percent of each model on `dataset`.
 
-    Each rank takes a strided share padded to the same number of batches (so layer-gathering
-    forwards stay in step); padded positions are masked out and the correct/total counts are
-    summed over all ranks.
+    Each rank takes a share padded to the same number of batches (so layer-gathering forwards stay in
+    step); padded positions are masked out and the correct/total counts are summed over all ranks.
+    `prepare` turns a loader batch into model input on the device (and gives the device of the counts).
     """
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
-    counts = torch.zeros(len(models) + 1, dtype=torch.float64, device=device)
-    for inputs, labels, mask in eval_batches(dataset, rank=rank(), world_size=world_size(), batch_size=batch_size):
-        inputs, labels, mask = inputs.to(device), labels.to(device), mask.to(device)
-        for i, model in enumerate(models.values()):
-            counts[i] += ((model(inputs).argmax(1) == labels) & mask).sum()
+    counts: torch.Tensor | None = None
+    batches = eval_batches(
+        dataset, rank=rank(), world_size=world_size(), batch_size=batch_size, num_workers=num_workers,
+        transform=transform, pin_memory=pin_memory,
+    )  # fmt: skip
+    for images, labels, mask in batches:
+        inputs = prepare(images)
+        if counts is None:
+            counts = torch.zeros(len(models) + 1, dtype=torch.float64, device=inputs.device)
+        labels, mask = labels.to(inputs.device), mask.to(inputs.device)
+        with autocast():
+            for i, model in enumerate(models.values()):
+                counts[i] += ((model(inputs).argmax(1) == labels) & mask).sum()
         counts[-1] += mask.sum()
     all_reduce_sum(counts)
     for name, m in models.items():

@@ -8,6 +8,7 @@ checkpoint epoch (with a checkpoint directory) and after every phase (with one t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from iil_dist.config import Config, to_dict
-from iil_dist.data.reader import InMemorySplit, SplitDataset, num_train_batches, train_batches
+from iil_dist.data.augment import EvalTransform, TrainTransform, normalize
+from iil_dist.data.reader import InMemorySplit, SplitDataset, StreamingSplit, num_train_batches, train_batches
 from iil_dist.data.shards import read_manifest, verify_shards
 from iil_dist.engine import checkpoint
 from iil_dist.engine.checkpoint import RunState, checkpoint_name
@@ -90,11 +92,21 @@ class PhaseRunner:
         self.scenario_dir = cfg.data.scenario_dir
         self.manifest = read_manifest(self.scenario_dir)
         if cfg.data.verify_checksums and rank() == 0:
-            verify_shards(self.scenario_dir, self.manifest)
+            if cfg.data.shard_url:
+                log.info("shards are streamed from %s: checked by tar structure and sample counts", cfg.data.shard_url)
+            else:
+                verify_shards(self.scenario_dir, self.manifest)
         barrier()
         self._check_scenario()
         self.num_classes = int(self.manifest["num_classes"])
         self.in_channels = int(self.manifest["channels"])
+        size = cfg.data.crop_size or cfg.data.image_size
+        # None, not a no-op transform: the loaders then skip per-sample generators altogether
+        d = cfg.data
+        self.train_transform = TrainTransform(d.train_transform, size) if d.train_transform != "none" else None
+        self.eval_transform = EvalTransform(d.eval_transform, size) if d.eval_transform != "none" else None
+        norm = self.manifest["normalization"]
+        self.mean, self.std = norm["mean"], norm["std"]
         self.teacher = self._new_teacher()
         self.state = RunState(world_size=world_size(), zero_stage=cfg.dist.zero_stage)
         self.total_steps = self._count_steps()
@@ -110,15 +122,33 @@ class PhaseRunner:
             )
 
     def _new_model(self) -> nn.Module:
+        # parameters stay contiguous even with dist.channels_last: DeepSpeed broadcasts them as byte views
+        # and ZeRO flattens them; channels_last inputs are enough for convolutions to run channels_last
         return build_model(self.cfg.model.name, num_classes=self.num_classes, in_channels=self.in_channels)
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch from the loader as the models' input: on the device, normalised, in the configured
+        memory format (float32; autocast casts inside the forward under bf16)."""
+        images = images.to(self.device, non_blocking=True)
+        return normalize(images, self.mean, self.std, channels_last=self.cfg.dist.channels_last)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for forward passes when dist.precision is bf16: weights, gradients, optimizer
+        state, BatchNorm statistics and the EMA stay fp32 (BatchNorm runs in fp32 under autocast)."""
+        enabled = self.cfg.dist.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _new_teacher(self) -> Teacher:
         model = self._new_model().to(self.device)
         return Teacher(model, zero_stage=self.cfg.dist.zero_stage, micro_batch=self.cfg.optim.batch_size)
 
-    def _open(self, split: str) -> SplitDataset | InMemorySplit:
-        dataset = SplitDataset(self.scenario_dir, split, self.manifest)
-        return InMemorySplit(dataset) if self.cfg.data.in_memory else dataset
+    def _open(self, split: str) -> SplitDataset | StreamingSplit | InMemorySplit:
+        d = self.cfg.data
+        if d.shard_url:
+            dataset: SplitDataset | StreamingSplit = StreamingSplit(d.shard_url, split, self.manifest)
+        else:
+            dataset = SplitDataset(self.scenario_dir, split, self.manifest)
+        return InMemorySplit(dataset) if d.in_memory else dataset
 
     def _epochs(self, phase: int) -> int:
         return self.cfg.optim.base_epochs if phase == 0 else self.cfg.optim.epochs_per_phase
@@ -160,6 +190,9 @@ class PhaseRunner:
             if rank() == 0:
                 atomic_write_json(self.run_dir / "results.json", results)
                 self.tracker.summary({f"final/{k}": v for k, v in _flatten(self.state.phases[-1]).items()})
+            # every rank reports once more (Ray needs equal counts); the driver keeps rank 0's results
+            # in case it cannot see this node's run directory
+            self.report({"results": results})
             return results
         finally:
             self.tracker.close()
@@ -259,19 +292,21 @@ class PhaseRunner:
         )
         batches = train_batches(
             dataset, epoch=epoch, seed=cfg.seed + 1000 * phase, rank=rank(),
-            world_size=world_size(), batch_size=cfg.optim.batch_size,
+            world_size=world_size(), batch_size=cfg.optim.batch_size, num_workers=cfg.data.loader_workers,
+            transform=self.train_transform, pin_memory=cfg.dist.use_gpu,
         )  # fmt: skip
         wait_start = time.perf_counter()
-        for inputs, labels, _ in batches:
-            inputs = inputs.to(self.device, non_blocking=True)
+        for images, labels, _ in batches:
+            inputs = self._inputs(images)
             labels = labels.to(self.device, non_blocking=True)
             wait_s = time.perf_counter() - wait_start
 
             # losses: targets from the frozen teacher (or phase-start copy), student forward
-            if use_dbd:
-                losses = dbd_losses(engine, target, inputs, labels, cfg.method, noise)
-            else:
-                losses = base_losses(engine, inputs, labels)
+            with self._autocast():
+                if use_dbd:
+                    losses = dbd_losses(engine, target, inputs, labels, cfg.method, noise)
+                else:
+                    losses = base_losses(engine, inputs, labels)
 
             # backward and optimizer step (DeepSpeed all-reduces and clips the gradients)
             engine.backward(losses["loss"])
@@ -381,10 +416,14 @@ class PhaseRunner:
         )
 
     def _evaluate(self, phase: int, student: nn.Module, test: Any, base: Any) -> dict[str, Any]:
-        bs = self.cfg.optim.eval_batch_size
         models = {"teacher": self.teacher.module, "student": student}
-        test_acc = accuracies(models, test, bs, self.device)
-        base_acc = accuracies(models, base, bs, self.device)
+        kwargs = {
+            "batch_size": self.cfg.optim.eval_batch_size, "prepare": self._inputs, "autocast": self._autocast,
+            "transform": self.eval_transform, "num_workers": self.cfg.data.loader_workers,
+            "pin_memory": self.cfg.dist.use_gpu,
+        }  # fmt: skip
+        test_acc = accuracies(models, test, **kwargs)
+        base_acc = accuracies(models, base, **kwargs)
         record: dict[str, Any] = {
             "phase": phase,
             # both models must be bitwise identical on every rank; the check raises otherwise

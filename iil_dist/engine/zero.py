@@ -73,15 +73,15 @@ def _partition_rank(param: Any) -> int:
 def student_fp32_sources(engine: Any) -> list[torch.Tensor]:
     """The tensors a consolidation reads from the student, one per parameter, in fp32.
 
-    Stage 3: this rank's slice of the fp32 master partition (no communication). Stages 0-2 in fp32:
-    the module's whole parameters, which every rank holds after the optimizer step.
+    Stage 3: this rank's slice of the fp32 master partition (no communication). Stages 0-2: the
+    module's whole parameters, which every rank holds after the optimizer step; they are fp32 in every
+    precision (bf16 is autocast, see engine/deepspeed_config.py).
     """
     module = engine.module
     if is_partitioned(module):
         from deepspeed.utils import safe_get_local_fp32_param
 
         return [safe_get_local_fp32_param(p) for p in module.parameters()]
-    # TODO(#4): with a bf16 student at stages 0-2 read the fp32 masters (safe_get_full_fp32_param).
     return [p.detach() for p in module.parameters()]
 
 

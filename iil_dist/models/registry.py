@@ -5,6 +5,7 @@ from collections.abc import Callable
 from torch import nn
 
 from iil_dist.models.resnet import resnet18_cifar
+from iil_dist.models.resnet_imagenet import resnet18, resnet34, resnet50
 from iil_dist.models.small_cnn import SmallCNN
 
 ModelBuilder = Callable[..., nn.Module]
@@ -13,6 +14,9 @@ ModelBuilder = Callable[..., nn.Module]
 _BUILDERS: dict[str, ModelBuilder] = {
     "small_cnn": SmallCNN,
     "resnet18_cifar": resnet18_cifar,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)

@@ -7,6 +7,9 @@ from torch import nn
 class BasicBlock(nn.Module):
     """Two conv3x3-BN layers with an identity shortcut, or a 1x1 conv + BN one when the shape changes."""
 
+    # Output channels per unit of stage width; the ImageNet ResNets (resnet_imagenet.py) share this block.
+    expansion = 1
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
@@ -26,6 +29,10 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
+
+    def zero_init_last_bn(self) -> None:
+        """Zero the residual branch's last BatchNorm scale, so that the block starts as relu(shortcut(x))."""
+        nn.init.zeros_(self.bn2.weight)
 
 
 class ResNetCIFAR(nn.Module):

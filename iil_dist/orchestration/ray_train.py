@@ -21,6 +21,7 @@ from typing import Any
 
 from iil_dist.config import Config, ConfigError, from_dict, load, resume_conflicts, to_dict
 from iil_dist.data.shards import read_manifest
+from iil_dist.engine.io import atomic_write_json
 from iil_dist.tracking.logs import LogFollower, code_revision
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import ray.train
+    import ray.train.torch
     import torch
 
     from iil_dist.engine.dist import rank
@@ -43,6 +45,9 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
     from iil_dist.tracking.logs import setup_logging
 
     torch.set_num_threads(cfg.dist.torch_threads)
+    if cfg.dist.use_gpu:
+        # Ray gives each worker one GPU; make it the current device before any CUDA tensor exists
+        torch.cuda.set_device(ray.train.torch.get_device())
     deepspeed.init_distributed(dist_backend="nccl" if cfg.dist.use_gpu else "gloo")
     run_dir = Path(loop_config["run_dir"])
     setup_logging(rank(), run_dir / "logs")
@@ -82,7 +87,9 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> bool:
     otherwise, with the fields that differ.
     """
     saved_path = run_dir / "config.json"
-    unfinished = run_dir.is_dir() and not (run_dir / "results.json").exists() and _has_checkpoints(run_dir, cfg.name)
+    # checkpoints on a URI (checkpoint.storage_path) are Ray's to find; locally, look for them
+    has_checkpoints = bool(cfg.checkpoint.storage_path) or _has_checkpoints(run_dir, cfg.name)
+    unfinished = run_dir.is_dir() and not (run_dir / "results.json").exists() and has_checkpoints
     if resume or (unfinished and saved_path.is_file()):
         if not saved_path.is_file():
             raise ConfigError(f"--resume {run_dir}: no config.json there, so it is not a run directory")
@@ -135,6 +142,9 @@ def launch(cfg: Config, resume: bool = False) -> dict[str, Any]:
     # a report waits for the controller to take the previous one, and the controller looks every
     # poll interval (Ray's default, 2 s, would make every checkpoint cost up to 2 s)
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.dist.poll_interval_s)
+    # a driver started by `ray job submit` already runs in the job's runtime env, and Ray refuses a
+    # ray.init env var that the job sets too: pass on only what this process does not already have
+    env = {k: v for k, v in env.items() if os.environ.get(k) != v}
     started_here = False
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -156,18 +166,24 @@ def launch(cfg: Config, resume: bool = False) -> dict[str, Any]:
             ),
             run_config=RunConfig(
                 name=cfg.name,
-                storage_path=str(checkpoint_root(run_dir)),
+                storage_path=cfg.checkpoint.storage_path or str(checkpoint_root(run_dir)),
                 failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             ),
         )
         console = LogFollower(run_dir / "logs" / "rank0.log") if started_here else contextlib.nullcontext()
         with console:
-            trainer.fit()
+            result = trainer.fit()
     finally:
         if started_here:
             ray.shutdown()
     results_path = run_dir / "results.json"
     if not results_path.exists():
-        raise RuntimeError(f"training finished without writing {results_path}; see {run_dir / 'logs'}")
+        # rank 0 ran on another node whose run directory this driver does not see: the results came
+        # with its last report
+        reported = (result.metrics or {}).get("results")
+        if reported is None:
+            raise RuntimeError(f"training finished without writing {results_path}; see {run_dir / 'logs'}")
+        atomic_write_json(results_path, reported)
+        log.warning("rank 0 wrote results.json on another node; run_root should be storage all nodes share")
     return json.loads(results_path.read_text())
