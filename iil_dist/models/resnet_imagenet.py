@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from iil_dist.models.resnet import BasicBlock
+from iil_dist.models.resnet import BasicBlock, shortcut
 
 
 class Bottleneck(nn.Module):
@@ -24,12 +24,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+        self.shortcut = shortcut(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return relu(residual(x) + shortcut(x))."""
