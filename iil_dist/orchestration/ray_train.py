@@ -151,9 +151,12 @@ def launch(cfg: Config, resume: bool = False) -> dict[str, Any]:
         started_here = address is None
         # on a local cluster the console is rank 0's log file, followed below; Ray's forwarding of
         # every worker's output (and Ray Train's own messages) stays in /tmp/ray/session_latest/logs
+        # "local" always starts a new cluster: without it Ray would try to join the last `ray start` on
+        # this machine, and hang for minutes when that one is gone but its address file is not
         ray.init(
-            address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=not started_here
-        )
+            address=address or "local", include_dashboard=False, runtime_env={"env_vars": env},
+            log_to_driver=not started_here,
+        )  # fmt: skip
         log.info("ray: %s, %s", "local cluster" if started_here else f"cluster at {address}", ray.cluster_resources())
     try:
         trainer = TorchTrainer(
