@@ -105,7 +105,11 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["dbd", "finetune"] = _f("dbd", "learning method of phases >= 1")
+    name: Literal["dbd", "finetune", "lwf", "mean_teacher", "joint"] = _f(
+        "dbd",
+        "learning method of phases >= 1: dbd (the method), finetune, lwf, mean_teacher, or joint "
+        "(trains on D(0) + ... + D(t): the upper bound that breaks the IIL rule on purpose)",
+    )
     fused_label: bool = _f(True, "dbd: train on fused labels (teacher prediction fused with the one-hot label)")
     dusting: bool = _f(True, "dbd: distil the teacher on Gaussian-dusted inputs")
     consolidation: bool = _f(True, "dbd: fold the student into the deployed teacher by KC-EMA")
@@ -121,6 +125,11 @@ class MethodConfig:
     targets_from: Literal["teacher", "phase_start"] = _f(
         "teacher",
         "model that gives fused-label and distillation targets: current teacher or phase-start copy",
+    )
+    lwf_lambda: float = _f(1.0, "lwf: weight of the distillation to the phase-start model", ge=0)
+    lwf_tau: float = _f(2.0, "lwf: temperature of the distillation to the phase-start model", gt=0)
+    mt_alpha: float = _f(
+        0.99, "mean_teacher: EMA decay applied after every step: teacher <- a * teacher + (1 - a) * student", gt=0, lt=1
     )
 
 

@@ -407,17 +407,41 @@ class _StreamSlots(IterableDataset):
         yield from self.split.slot_batches(plan, self.transform)
 
 
-class StreamingSplit:
-    """One split read by streaming whole shards from `url_template.format(file=...)` (see the module doc)."""
+class ConcatSplit:
+    """Several indexed splits read as one, e.g. D(0) + ... + D(t) for the joint baseline."""
 
-    def __init__(self, url_template: str, split: str, manifest: dict, shuffle_buffer: int = 2000) -> None:
-        if split not in manifest["splits"]:
-            raise ValueError(f"split {split!r} is not in the manifest; it has {list(manifest['splits'])}")
-        self.split = split
+    def __init__(self, parts: list[Any], name: str) -> None:
+        self.parts, self.split = parts, name
+        self._ends = np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        part = int(np.searchsorted(self._ends, i, side="right"))
+        return self.parts[part][i - (int(self._ends[part - 1]) if part else 0)]
+
+    def iter_all(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for part in self.parts:
+            yield from (part[i] for i in range(len(part)))
+
+
+class StreamingSplit:
+    """Split(s) read by streaming whole shards from `url_template.format(file=...)` (see the module doc);
+    a list of split names reads them as one."""
+
+    def __init__(self, url_template: str, split: str | list[str], manifest: dict, shuffle_buffer: int = 2000) -> None:
+        names = [split] if isinstance(split, str) else list(split)
+        for name in names:
+            if name not in manifest["splits"]:
+                raise ValueError(f"split {name!r} is not in the manifest; it has {list(manifest['splits'])}")
+        self.split = "+".join(names)
         self.url_template = url_template
-        entry = manifest["splits"][split]
-        self.shards = [(url_template.format(file=s["file"]), int(s["num_samples"])) for s in entry["shards"]]
-        self._num_samples = int(entry["num_samples"])
+        entries = [manifest["splits"][name] for name in names]
+        self.shards = [
+            (url_template.format(file=s["file"]), int(s["num_samples"])) for e in entries for s in e["shards"]
+        ]
+        self._num_samples = sum(int(e["num_samples"]) for e in entries)
         self._decoder = SampleDecoder(manifest)
         self.channels = self._decoder.channels
         self.shuffle_buffer = shuffle_buffer

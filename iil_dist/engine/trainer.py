@@ -23,7 +23,14 @@ from torch import nn
 
 from iil_dist.config import Config, to_dict
 from iil_dist.data.augment import EvalTransform, TrainTransform, normalize
-from iil_dist.data.reader import InMemorySplit, SplitDataset, StreamingSplit, num_train_batches, train_batches
+from iil_dist.data.reader import (
+    ConcatSplit,
+    InMemorySplit,
+    SplitDataset,
+    StreamingSplit,
+    num_train_batches,
+    train_batches,
+)
 from iil_dist.data.shards import read_manifest, verify_shards
 from iil_dist.engine import checkpoint
 from iil_dist.engine.checkpoint import RunState, checkpoint_name
@@ -34,7 +41,7 @@ from iil_dist.engine.io import atomic_write_json
 from iil_dist.engine.progress import StepMeter, format_table, grad_norm
 from iil_dist.engine.teacher import Teacher
 from iil_dist.engine.zero import full_state_dict
-from iil_dist.method.dbd import base_losses, dbd_losses
+from iil_dist.method.dbd import base_losses, dbd_losses, lwf_losses
 from iil_dist.method.ema import consolidation_due, num_consolidations
 from iil_dist.models import build_model
 from iil_dist.tracking.tracker import NullTracker, Tracker
@@ -51,7 +58,8 @@ def split_name(phase: int) -> str:
 
 
 def expected_consolidations(cfg: Config) -> int:
-    """KC-EMA updates per incremental phase under this config (0 for methods without KC)."""
+    """KC-EMA updates per incremental phase under this config (0 for methods without KC; the mean
+    teacher's per-step updates depend on the phase's size)."""
     m = cfg.method
     if m.name != "dbd" or not m.consolidation:
         return 0
@@ -61,8 +69,15 @@ def expected_consolidations(cfg: Config) -> int:
 
 
 def teacher_is_deployed(cfg: Config, phase: int) -> bool:
-    """Whether the consolidated teacher (not the student) is the model deployed after `phase`."""
-    return phase > 0 and cfg.method.name == "dbd" and cfg.method.consolidation
+    """Whether the EMA teacher (not the student) is the model deployed after `phase`."""
+    m = cfg.method
+    return phase > 0 and ((m.name == "dbd" and m.consolidation) or m.name == "mean_teacher")
+
+
+def uses_phase_start_model(cfg: Config) -> bool:
+    """Whether a frozen copy of the phase-start model gives targets (LwF, or DBD with targets_from set so)."""
+    m = cfg.method
+    return m.name == "lwf" or (m.name == "dbd" and m.targets_from == "phase_start")
 
 
 def _no_report(metrics: dict[str, Any], checkpoint: Path | None = None, name: str | None = None) -> None:
@@ -222,26 +237,26 @@ class PhaseRunner:
         """Trains, evaluates and deploys one phase, checkpointing as configured."""
         cfg, state = self.cfg, self.state
         epochs = self._epochs(phase)
-        dataset = base if phase == 0 else self._open(split_name(phase))
+        dataset = self._train_split(phase, base)
         steps_per_epoch = num_train_batches(len(dataset), world_size(), cfg.optim.batch_size)
         engine = self._build_student(phase, epochs * steps_per_epoch, state.epochs_done * steps_per_epoch, resume)
         target = self._targets(resume)
-        use_dbd = phase > 0 and cfg.method.name == "dbd"
+        method = cfg.method.name if phase > 0 else "base"
         log.info(
             "phase %d/%d: %s on %s (%d samples, %d epochs x %d steps, zero stage %d, %d ranks)%s",
-            phase, cfg.data.num_phases, "dbd" if use_dbd else ("base" if phase == 0 else cfg.method.name),
-            split_name(phase), len(dataset), epochs, steps_per_epoch, cfg.dist.zero_stage, world_size(),
+            phase, cfg.data.num_phases, method, dataset.split, len(dataset), epochs, steps_per_epoch,
+            cfg.dist.zero_stage, world_size(),
             f", from epoch {state.epochs_done + 1}" if state.epochs_done else "",
         )  # fmt: skip
 
         self._meter = StepMeter()
         for epoch in range(state.epochs_done + 1, epochs + 1):
-            self._train_epoch(phase, epoch, epochs, engine, target, dataset, use_dbd)
+            self._train_epoch(phase, epoch, epochs, engine, target, dataset, method)
 
             # consolidation: KC-EMA after the freezing period, every ema_every_epochs epochs
             m = cfg.method
             if (
-                use_dbd
+                method == "dbd"
                 and m.consolidation
                 and consolidation_due(epoch, freeze_epochs=m.freeze_epochs, every_epochs=m.ema_every_epochs)
             ):
@@ -282,7 +297,7 @@ class PhaseRunner:
             target.destroy()
 
     def _train_epoch(
-        self, phase: int, epoch: int, epochs: int, engine: Any, target: Teacher, dataset: Any, use_dbd: bool
+        self, phase: int, epoch: int, epochs: int, engine: Any, target: Teacher, dataset: Any, method: str
     ) -> None:
         cfg, state = self.cfg, self.state
         engine.train()
@@ -303,9 +318,11 @@ class PhaseRunner:
 
             # losses: targets from the frozen teacher (or phase-start copy), student forward
             with self._autocast():
-                if use_dbd:
+                if method == "dbd":
                     losses = dbd_losses(engine, target, inputs, labels, cfg.method, noise)
-                else:
+                elif method == "lwf":
+                    losses = lwf_losses(engine, target, inputs, labels, cfg.method)
+                else:  # base phase, finetune, joint, and the mean teacher's student
                     losses = base_losses(engine, inputs, labels)
 
             # backward and optimizer step (DeepSpeed all-reduces and clips the gradients)
@@ -317,6 +334,13 @@ class PhaseRunner:
             if norm is not None:
                 losses["grad_norm"] = torch.as_tensor(norm, dtype=torch.float32, device=self.device)
             self._meter.add(losses, len(labels), wait_s)
+
+            # the mean teacher: a vanilla EMA of the student after every step, no freezing period
+            if method == "mean_teacher":
+                average_buffers_(engine.module)
+                self.teacher.consolidate_(engine, cfg.method.mt_alpha)
+                state.phase_consolidations += 1
+                state.num_consolidations += 1
 
             # metrics: a collective every log_every steps, on all ranks alike (global_step agrees)
             if state.global_step % cfg.tracking.log_every == 0:
@@ -373,9 +397,20 @@ class PhaseRunner:
             )  # fmt: skip
         return engine
 
+    def _train_split(self, phase: int, base: Any) -> Any:
+        """The data phase `phase` trains on: D(0) in phase 0, D(t) after, D(0) + ... + D(t) for `joint`."""
+        if phase == 0:
+            return base
+        if self.cfg.method.name != "joint":
+            return self._open(split_name(phase))
+        names = [split_name(k) for k in range(phase + 1)]
+        if self.cfg.data.shard_url:
+            return StreamingSplit(self.cfg.data.shard_url, names, self.manifest)
+        return ConcatSplit([base, *(self._open(name) for name in names[1:])], "+".join(names))
+
     def _targets(self, resume: _Resume | None) -> Teacher:
-        """The model that gives fused-label and distillation targets this phase."""
-        if self.cfg.method.targets_from == "teacher":
+        """The model that gives distillation targets this phase: the teacher, or a frozen phase-start copy."""
+        if not uses_phase_start_model(self.cfg):
             return self.teacher
         target = self._new_teacher()
         if resume is not None:

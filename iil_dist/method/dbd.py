@@ -1,5 +1,8 @@
 """The per-batch objective of each method: a dict of named losses with the total under `loss`.
 
+Fine-tuning, joint training and the mean teacher's student use `base_losses`; LwF distils to the
+phase-start model (`lwf_losses`); DBD is `dbd_losses`.
+
 The student is anything callable on a batch (a DeepSpeed engine or a plain module); the target
 model (teacher or phase-start copy) runs frozen under `torch.no_grad()`.
 """
@@ -63,3 +66,16 @@ def dbd_losses(
 
     losses["loss"] = total
     return losses
+
+
+def lwf_losses(
+    student: nn.Module, old_model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: MethodConfig
+) -> dict[str, torch.Tensor]:
+    """Learning without forgetting (Li & Hoiem): cross-entropy on the labels plus distillation to the
+    phase-start model on the same clean inputs, L = CE + lwf_lambda * tau^2 KL(p_old || p_student)."""
+    logits = student(inputs)
+    ce = F.cross_entropy(logits.float(), labels)
+    with torch.no_grad():
+        old_logits = old_model(inputs)
+    lwf = distillation_kl(logits, old_logits, cfg.lwf_tau)
+    return {"loss": ce + cfg.lwf_lambda * lwf, "ce": ce, "lwf": lwf}
