@@ -8,7 +8,8 @@ whole command, and the peak resident memory of its whole process tree (the comma
 writer processes), sampled every 50 ms; memory flat in N shows the writer streams.
 
     .venv/bin/python bench/prepare.py                     # 10k and 100k images -> bench/results/prepare.json
-    .venv/bin/python bench/prepare.py --images 2000       # a quick look
+    .venv/bin/python bench/prepare.py --images 2000 --width 500 --max-side 256 \
+        --out bench/results/prepare-500px.json           # ImageNet-sized images
 """
 
 from __future__ import annotations
@@ -31,21 +32,25 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 100
 
 
-def make_image_folder(root: Path, num_images: int) -> None:
-    """train/ and val/ of NUM_CLASSES class folders holding `num_images` JPEGs in all (written once)."""
+def make_image_folder(root: Path, num_images: int, width: int) -> None:
+    """train/ and val/ of NUM_CLASSES class folders holding `num_images` JPEGs of width x 3/4 width in all
+    (written once)."""
     marker = root / ".complete"
     if marker.exists():
         return
     shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:72, 0:96]
+    yy, xx = np.mgrid[0 : width * 3 // 4, 0:width]
     for i in range(num_images):
         split = "val" if (i // NUM_CLASSES) % 10 == 0 else "train"
         folder = root / split / f"n{i % NUM_CLASSES:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         # smooth colour gradients plus mild noise: compresses like a photo, not like white noise
         a, b, c = rng.uniform(0.2, 1.5, size=3)
-        base = np.stack([np.sin(a * xx / 10 + c), np.cos(b * yy / 10), np.sin((xx + yy) / (20 * a))], -1)
+        scale = width / 96  # the same content at every size
+        base = np.stack(
+            [np.sin(a * xx / (10 * scale) + c), np.cos(b * yy / (10 * scale)), np.sin((xx + yy) / (20 * a * scale))], -1
+        )
         pixels = np.clip(127 + 100 * base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
@@ -96,23 +101,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--workers", type=int, default=0, help="data.prepare_workers (0: every CPU)")
-    parser.add_argument("--max-side", type=int, default=64)
+    parser.add_argument("--max-side", type=int, default=64, help="longest side after re-encoding")
+    parser.add_argument("--width", type=int, default=96, help="source image width (height 3/4 of it)")
     parser.add_argument("--work", default="/tmp/iil-bench-prepare")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "prepare.json"))
     args = parser.parse_args()
     work = Path(args.work)
     rows = []
     for n in args.images:
-        source = work / f"imagefolder-{n}"
+        source = work / f"imagefolder-{n}-{args.width}px"
         start = time.perf_counter()
-        make_image_folder(source, n)
+        make_image_folder(source, n, args.width)
         print(f"{n} source images ready ({time.perf_counter() - start:.0f} s)", flush=True)
         for mode in ("keep", "reencode"):
-            row = {"source_images": n, **run_prepare(source, work / f"scenario-{n}-{mode}", mode, args.max_side,
-                                                      args.workers)}  # fmt: skip
+            scenario = work / f"scenario-{n}-{mode}"
+            row = {
+                "source_images": n,
+                "width": args.width,
+                **run_prepare(source, scenario, mode, args.max_side, args.workers),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {"cpus": os.cpu_count(), "workers": args.workers, "rows": rows}
+    report = {"cpus": os.cpu_count(), "workers": args.workers, "max_side": args.max_side, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'images':>8} {'mode':>9} {'img/s':>8} {'peak MB':>8} {'shards':>7}")

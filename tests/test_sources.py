@@ -213,7 +213,7 @@ def test_interrupted_prepare_resumes_and_rewrites_damaged_shards(tmp_path, monke
     damaged.write_bytes(damaged.read_bytes()[:-10])
     with caplog.at_level("INFO", logger="iil_dist.data.shards"):
         resumed = write_scenario(out, **args)
-    assert "reusing 5 of" in caplog.text
+    assert "reused 5 shards" in caplog.text
     assert resumed == clean and not (out / shards.JOURNAL).exists()
     verify_shards(out, resumed)
 

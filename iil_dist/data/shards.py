@@ -149,30 +149,30 @@ class ShardResult:
     num_samples: int
     sha256: str
     bytes: int
-    # per channel: pixel count, sum and sum of squares of pixel / 255 over `stats_rows`
-    stats: list[list[float]] = field(default_factory=list)
+    # per channel: a 256-bin histogram of the pixel values of `stats_rows` (exact, and cheap to add up)
+    stats: list[list[int]] = field(default_factory=list)
 
 
 def write_shard(task: ShardTask) -> ShardResult:
     """Renders and writes one shard (temporary name, fsync, rename); runs in a pool process."""
     channels = 1 if task.opts.mode == "L" else 3
-    sums = np.zeros((3, channels))
+    histogram = np.zeros((channels, 256), dtype=np.int64)
     stats_rows = set(task.stats_rows.tolist())
 
     def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
         for row in range(len(task.labels)):
             data, ext = render(task.items[row], float(task.angles[row]), task.opts)
             if row in stats_rows:
-                pixels = np.asarray(Image.open(io.BytesIO(data)).convert(task.opts.mode), dtype=np.float64) / 255.0
-                pixels = pixels.reshape(-1, channels)
-                np.add(sums, [np.full(channels, len(pixels)), pixels.sum(0), (pixels**2).sum(0)], out=sums)
+                pixels = np.asarray(Image.open(io.BytesIO(data)).convert(task.opts.mode)).reshape(-1, channels)
+                for c in range(channels):
+                    histogram[c] += np.bincount(pixels[:, c], minlength=256)
             key = sample_key(task.split, task.first_position + row)
             yield key, {"cls": str(int(task.labels[row])).encode("ascii"), ext: data}
 
     _write_tar(task.path, samples())
     name = f"{task.split}/{task.path.name}"
     size = task.path.stat().st_size
-    return ShardResult(name, len(task.labels), file_sha256(task.path), size, sums.tolist())
+    return ShardResult(name, len(task.labels), file_sha256(task.path), size, histogram.tolist())
 
 
 def _write_tar(path: Path, samples: Iterator[tuple[str, dict[str, bytes]]]) -> None:
@@ -239,18 +239,19 @@ def write_scenario(
     opts = RenderOptions("L" if src.channels == 1 else "RGB", image_size, max_side, encode, jpeg_quality)
     num_classes = len(src.class_names)
 
-    tasks = []
-    for split in split_names(num_phases):
-        tasks += _plan_split(out_dir, split, scenario[split], src, args, opts)
-    results = _run_tasks(out_dir, tasks, args, num_workers, progress)
+    # tasks are made lazily, split by split, as the pool takes them: memory stays flat in the dataset size
+    names = split_names(num_phases)
+    tasks = (task for split in names for task in _plan_split(out_dir, split, scenario[split], src, args, opts))
+    total = sum(len(drift_source_positions(len(scenario[split]), split, drift=drift)) for split in names)
+    results = _run_tasks(out_dir, tasks, total, args, num_workers, progress)
 
     splits: dict[str, dict] = {}
-    for split in split_names(num_phases):
-        shard_results = [results[t.path] for t in tasks if t.split == split]
-        labels = np.concatenate([t.labels for t in tasks if t.split == split])
-        splits[split] = _split_entry(out_dir, split, shard_results, labels, num_classes)
+    for split in names:
+        positions = drift_source_positions(len(scenario[split]), split, drift=drift)
+        labels = src.labels[scenario[split][positions]]
+        splits[split] = _split_entry(out_dir, split, results[split], labels, num_classes)
         splits[split]["num_source_samples"] = len(scenario[split])
-    mean, std = _normalization([results[t.path] for t in tasks if t.split == "base"])
+    mean, std = _normalization(results["base"])
     manifest = {
         "format_version": FORMAT_VERSION,
         **args,
@@ -285,7 +286,7 @@ def _check_write_args(args: dict[str, Any]) -> None:
 
 def _plan_split(
     out_dir: Path, split: str, indices: np.ndarray, src: Any, args: dict[str, Any], opts: RenderOptions
-) -> list[ShardTask]:
+) -> Iterator[ShardTask]:
     """The shard tasks of one split, in order; the same arguments always give the same plan."""
     drift = args["drift"]
     positions = drift_source_positions(len(indices), split, drift=drift)
@@ -304,13 +305,11 @@ def _plan_split(
     stats_step = max(1, math.ceil(total / _STATS_SAMPLES))
     split_dir = out_dir / split
     split_dir.mkdir(exist_ok=True)
-    tasks = []
     for shard_id, start in enumerate(range(0, total, per_shard)):
         stop = min(start + per_shard, total)
         rows = np.arange(start, stop)
         stats_rows = rows[rows % stats_step == 0] - start if split == "base" else np.empty(0, dtype=np.int64)
-        tasks.append(
-            ShardTask(
+        yield ShardTask(
                 path=split_dir / f"{split}-{shard_id:06d}.tar",
                 split=split,
                 first_position=start,
@@ -320,49 +319,49 @@ def _plan_split(
                 stats_rows=stats_rows,
                 opts=opts,
             )  # fmt: skip
-        )
-    return tasks
 
 
 def _run_tasks(
-    out_dir: Path, tasks: list[ShardTask], args: dict[str, Any], num_workers: int, progress: bool
-) -> dict[Path, ShardResult]:
-    """Writes every shard not already written (journal and checksum agree); returns all results."""
+    out_dir: Path, tasks: Iterator[ShardTask], total: int, args: dict[str, Any], num_workers: int, progress: bool
+) -> dict[str, list[ShardResult]]:
+    """Writes every shard not already written (journal and checksum agree); returns each split's shard
+    results in shard order."""
     from tqdm import tqdm
 
     journal = _read_journal(out_dir, args)
     results: dict[Path, ShardResult] = {}
-    todo = []
-    for task in tasks:
-        done = journal.get(f"{task.split}/{task.path.name}")
-        if done is not None and task.path.is_file() and file_sha256(task.path) == done["sha256"]:
-            results[task.path] = ShardResult(**done)
-        else:
-            todo.append(task)
-    if results:
-        logger.info("reusing %d of %d shards written before (checksums match)", len(results), len(tasks))
-    total = sum(len(t.labels) for t in tasks)
-    bar = tqdm(total=total, initial=total - sum(len(t.labels) for t in todo), unit="img", desc="prepare",
-               disable=not progress, smoothing=0.05, dynamic_ncols=True)  # fmt: skip
+    order: dict[str, list[Path]] = {}
+    bar = tqdm(total=total, unit="img", desc="prepare", disable=not progress, smoothing=0.05, dynamic_ncols=True)
+
+    written: list[Path] = []
 
     def finished(task: ShardTask, result: ShardResult) -> None:
+        written.append(task.path)
         results[task.path] = result
         journal[result.file] = result.__dict__
         _write_json_atomic(out_dir / JOURNAL, {"args": args, "shards": journal})
         bar.update(result.num_samples)
 
+    def todo() -> Iterator[ShardTask]:
+        for task in tasks:
+            order.setdefault(task.split, []).append(task.path)
+            done = journal.get(f"{task.split}/{task.path.name}")
+            if done is not None and task.path.is_file() and file_sha256(task.path) == done["sha256"]:
+                results[task.path] = ShardResult(**done)
+                bar.update(done["num_samples"])
+            else:
+                yield task
+
     workers = num_workers or os.cpu_count() or 1
-    workers = min(workers, len(todo))
     try:
         if workers <= 1:
-            for task in todo:
+            for task in todo():
                 finished(task, write_shard(task))
         else:
             # spawn: the pool processes import only numpy, PIL and this package's data modules
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 pending: dict[Future, ShardTask] = {}
-                queue = iter(todo)
-                for task in queue:
+                for task in todo():
                     pending[pool.submit(write_shard, task)] = task
                     # bounded: at most two tasks per process wait, so memory does not grow with the split
                     while len(pending) >= 2 * workers:
@@ -373,7 +372,10 @@ def _run_tasks(
                     finished(pending.pop(future), future.result())
     finally:
         bar.close()
-    return results
+    reused = sum(len(paths) for paths in order.values()) - len(written)
+    if reused:
+        logger.info("reused %d shards written before (checksums match)", reused)
+    return {split: [results[p] for p in paths] for split, paths in order.items()}
 
 
 def _read_journal(out_dir: Path, args: dict[str, Any]) -> dict[str, dict]:
@@ -412,10 +414,11 @@ def _split_entry(out_dir: Path, split: str, shards: list[ShardResult], labels: n
 
 
 def _normalization(base_results: list[ShardResult]) -> tuple[list[float], list[float]]:
-    sums = np.sum([np.asarray(r.stats) for r in base_results], axis=0)
-    count, total, squares = sums
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    histogram = np.sum([np.asarray(r.stats, dtype=np.int64) for r in base_results], axis=0)
+    values = np.arange(256) / 255.0
+    count = histogram.sum(1)
+    mean = histogram @ values / count
+    std = np.sqrt(np.maximum(histogram @ values**2 / count - mean**2, 0.0))
     return [float(m) for m in mean], [float(s) for s in std]
 
 

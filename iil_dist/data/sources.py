@@ -79,13 +79,13 @@ class FileItems:
 
     def __init__(self, root: Path, files: np.ndarray):
         self.root = Path(root)
-        self.files = files  # relative paths, a compact numpy string array
+        self.files = files  # relative paths as a numpy array of UTF-8 bytes
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> RawImage:
-        path = self.root / str(self.files[i])
+        path = self.root / self.files[i].decode()
         ext = path.suffix.lower().lstrip(".")
         return EncodedImage(path.read_bytes(), "jpg" if ext == "jpeg" else ext)
 
@@ -238,8 +238,8 @@ def imagefolder_source(root: Path, class_list: Sequence[str] | None = None, name
             labels += [label] * len(names)
         if split_dir is train_dir:
             num_train = len(files)
-    # numpy's fixed-width strings: ~1 byte per character instead of a Python object per path
-    items = FileItems(root, np.array(files))
+    # fixed-width UTF-8 bytes: ~1 byte per character instead of a Python object (or 4 bytes per character)
+    items = FileItems(root, np.array([f.encode() for f in files]))
     return Source(name, np.array(labels, dtype=np.int64), num_train, classes, channels=3, items=items)
 
 
