@@ -15,30 +15,10 @@ from iil_dist.tracking.logs import setup_logging
 log = logging.getLogger("iil_dist.cli")
 
 
-def _scenario_args(cfg: config_mod.Config) -> dict:
-    from iil_dist.data.shards import SCENARIO_ARGS
-
-    return {name: getattr(cfg.data, name) for name in SCENARIO_ARGS}
-
-
 def cmd_prepare(cfg: config_mod.Config, force: bool) -> int:
-    from iil_dist.data.shards import read_manifest, write_scenario
+    from iil_dist.data.shards import prepare_scenario
 
-    out = cfg.data.scenario_dir
-    args = _scenario_args(cfg)
-    if (out / "manifest.json").exists() and not force:
-        try:
-            manifest = read_manifest(out)
-        except ValueError as err:  # e.g. written by an older version of the format
-            raise SystemExit(f"{err}; pass --force to rewrite it") from None
-        if all(manifest.get(k) == v for k, v in args.items()):
-            log.info("scenario %s is already prepared with these settings; nothing to do", out)
-            return 0
-        raise SystemExit(
-            f"{out / 'manifest.json'} was written with other settings; choose another data.root or pass --force"
-        )
-    d = cfg.data
-    write_scenario(out, **args, source_path=d.source_path, num_workers=d.prepare_workers, progress=True)
+    prepare_scenario(cfg.data, force=force)  # logs what it wrote
     return 0
 
 
@@ -52,16 +32,46 @@ def cmd_train(cfg: config_mod.Config, resume: bool) -> int:
     return 0
 
 
+def cmd_study(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from iil_dist.report.study import format_summary, run_study
+
+    study = run_study(cfg, args.name, args.variants.split(","), _int_list(args.orders), _int_list(args.phases))
+    sys.stdout.write("\n" + format_summary(study) + "\n")
+    sys.stdout.write(f"\nstudy: {Path(cfg.run_root).resolve() / args.name / 'study.json'}\n")
+    return 0
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    """`0-4` or `5,10,20` as a list of integers."""
+    if not text:
+        return None
+    try:
+        if "-" in text:
+            low, high = text.split("-", 1)
+            return list(range(int(low), int(high) + 1))
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise config_mod.ConfigError(f"expected a range such as 0-4 or a list such as 5,10,20, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iil-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("prepare", "write a scenario's WebDataset shards and manifest"),
-                       ("train", "run an instance-incremental experiment on Ray + DeepSpeed")):  # fmt: skip
+                       ("train", "run an instance-incremental experiment on Ray + DeepSpeed"),
+                       ("study", "run method variants x data orders (x phase counts) and aggregate PP/F")):  # fmt: skip
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/digits.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.ema_alpha=0.8")
         if name == "prepare":
             p.add_argument("--force", action="store_true", help="rewrite a scenario prepared with other settings")
+        elif name == "study":
+            from iil_dist.report.study import VARIANTS
+
+            p.add_argument("--name", required=True, help="study name: its runs go to RUN_ROOT/NAME/")
+            p.add_argument("--variants", default="dbd,finetune", help=f"comma-separated, from {', '.join(VARIANTS)}")
+            p.add_argument("--orders", default="0-4", help="data.order_seed values: a range 0-4 or a list 0,2,5")
+            p.add_argument("--phases", help="numbers of phases for the task-count study, e.g. 5,10,20")
         else:
             p.add_argument(
                 "--resume",
@@ -87,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"iil-dist: config error: {err}\n")
         return 2
     log.info("config %s: %s", args.config or f"{resume}/config.json", json.dumps(config_mod.to_dict(cfg)))
+    if args.command == "study":
+        try:
+            return cmd_study(cfg, args)
+        except config_mod.ConfigError as err:
+            sys.stderr.write(f"iil-dist: {err}\n")
+            return 2
     if args.command == "prepare":
         try:
             return cmd_prepare(cfg, args.force)

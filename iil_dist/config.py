@@ -41,8 +41,9 @@ class DataConfig:
     root: str = _f(
         "",
         "scenario directory written by `prepare` and read by `train`; empty derives "
-        "data/<source>-<drift>-t<num_phases>-split<split_seed>-order<order_seed> from the fields below",
+        "<scenarios_root>/<source>-<drift>-t<num_phases>-split<split_seed>-order<order_seed>",
     )
+    scenarios_root: str = _f("data", "parent of the scenario directories derived when data.root is empty")
     drift: Literal["none", "rotation"] = _f(
         "rotation", "concept drift of the incremental phases (METHOD.md §2); `none` is the plain split"
     )
@@ -93,7 +94,7 @@ class DataConfig:
         if self.root:
             return Path(self.root)
         name = f"{self.source}-{self.drift}-t{self.num_phases}-split{self.split_seed}-order{self.order_seed}"
-        return Path("data") / name
+        return Path(self.scenarios_root) / name
 
 
 @dataclass
@@ -182,6 +183,7 @@ class TrackingConfig:
         "offline", "wandb mode; the WANDB_MODE environment variable overrides it"
     )
     project: str = _f("iil-dist", "wandb project")
+    group: str = _f("", "wandb group of the run; empty uses the experiment name (a study sets its own name)")
     log_every: int = _f(
         10, "steps per metric record (wandb, metrics.jsonl): loss terms averaged over the window and ranks", ge=1
     )

@@ -490,3 +490,25 @@ def verify_shards(scenario_dir: Path, manifest: dict) -> None:
             got = file_sha256(path)
             if got != shard["sha256"]:
                 raise ValueError(f"shard {path} has sha256 {got}, manifest says {shard['sha256']}")
+
+
+def prepare_scenario(data: Any, force: bool = False, progress: bool = True) -> Path:
+    """Writes the scenario of a `DataConfig` unless its directory already holds one with the same settings.
+
+    Raises:
+        ValueError: the directory holds a scenario written with other settings (or an older format) and
+            `force` is false; the message names the manifest.
+    """
+    out = data.scenario_dir
+    args = {name: getattr(data, name) for name in SCENARIO_ARGS}
+    if (out / MANIFEST).exists() and not force:
+        try:
+            manifest = read_manifest(out)
+        except ValueError as err:
+            raise ValueError(f"{err}; pass --force to rewrite it") from None
+        if all(manifest.get(k) == v for k, v in args.items()):
+            logger.info("scenario %s is already prepared with these settings; nothing to do", out)
+            return out
+        raise ValueError(f"{out / MANIFEST} was written with other settings; choose another data.root or pass --force")
+    write_scenario(out, **args, source_path=data.source_path, num_workers=data.prepare_workers, progress=progress)
+    return out

@@ -61,7 +61,7 @@ class Tracker:
 
             self._run = wandb.init(
                 project=cfg.tracking.project,
-                group=cfg.name,
+                group=cfg.tracking.group or cfg.name,
                 name=cfg.name,
                 dir=str(run_dir),
                 mode=self.mode,

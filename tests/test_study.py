@@ -1,0 +1,77 @@
+"""Studies: the confidence interval, the aggregation over orders, and a real two-variant, two-order study on
+a local Ray cluster that reuses its finished runs when run again."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from iil_dist import cli
+from iil_dist.report.study import summarize, t_interval
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_t_interval_matches_the_t_table():
+    """Guards against a normal-approximation or population-sd interval: with n = 5 the 97.5% t quantile
+    (4 degrees of freedom) is 2.7764, and the sample sd divides by n - 1."""
+    mean, half = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
+    assert math.isnan(t_interval([4.0])[1])
+    with pytest.raises(ValueError):
+        t_interval([])
+
+
+def test_summarize_groups_by_variant_and_phase():
+    """Guards against aggregating across variants or phases, or against the wrong model's numbers."""
+
+    def run(variant, order, pp):
+        phase = {m: {"test_acc": 50.0 + pp, "base_acc": 90.0, "pp": pp if m == "teacher" else 0.0, "f": 1.0}
+                 for m in ("teacher", "student")}  # fmt: skip
+        zero = {m: {"test_acc": 50.0, "base_acc": 90.0, "pp": 0.0, "f": 0.0} for m in ("teacher", "student")}
+        return {"variant": variant, "num_phases": 1, "order": order, "phases": [zero, phase]}
+
+    rows = summarize([run("a", 0, 2.0), run("a", 1, 4.0), run("b", 0, -1.0)])
+    final = {r["variant"]: r for r in rows if r["phase"] == 1}
+    assert final["a"]["n"] == 2 and final["a"]["teacher/pp"]["mean"] == 3.0 and final["a"]["student/pp"]["mean"] == 0
+    assert final["a"]["teacher/pp"]["ci"] == pytest.approx(12.706205 * math.sqrt(2) / math.sqrt(2), rel=1e-6)
+    assert final["b"]["n"] == 1 and final["b"]["teacher/pp"]["values"] == [-1.0]
+
+
+TINY = ["data.num_phases=1", "optim.base_epochs=2", "optim.epochs_per_phase=2", "method.freeze_epochs=1",
+        "dist.num_workers=1", "tracking.log_every=5", "tracking.print_every=10",
+        "tracking.wandb_mode=disabled"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_study_runs_every_variant_and_order_and_reuses_finished_runs(tmp_path, capsys):
+    """Guards against a study that skips a (variant, order) pair, aggregates the wrong runs, or reruns
+    finished experiments when it is started again."""
+    args = ["study", str(REPO / "configs" / "digits.yaml"), *TINY, f"data.scenarios_root={tmp_path / 'data'}",
+            f"run_root={tmp_path / 'runs'}", "--name", "s", "--variants", "dbd,finetune",
+            "--orders", "0-1"]  # fmt: skip
+    assert cli.main(args) == 0
+    study = json.loads((tmp_path / "runs" / "s" / "study.json").read_text())
+    assert sorted((r["variant"], r["order"]) for r in study["runs"]) == [
+        ("dbd", 0), ("dbd", 1), ("finetune", 0), ("finetune", 1)
+    ]  # fmt: skip
+    for run in study["runs"]:
+        results = json.loads((Path(run["run_dir"]) / "results.json").read_text())
+        assert results["phases"] == run["phases"] and results["config"]["data"]["order_seed"] == run["order"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "digits-rotation-t1-split0-order0", "digits-rotation-t1-split0-order1"
+    ]  # fmt: skip
+    final = {r["variant"]: r for r in study["summary"] if r["phase"] == 1}
+    dbd = [r["phases"][1]["teacher"]["pp"] for r in study["runs"] if r["variant"] == "dbd"]
+    assert final["dbd"]["teacher/pp"]["mean"] == pytest.approx(sum(dbd) / 2)
+    assert "PP_T and F_T" in capsys.readouterr().out
+
+    # started again, every run is reused: no run directory is moved aside, no new results written
+    stamps = {r["run_dir"]: (Path(r["run_dir"]) / "results.json").stat().st_mtime_ns for r in study["runs"]}
+    assert cli.main(args) == 0
+    assert all((Path(d) / "results.json").stat().st_mtime_ns == t for d, t in stamps.items())
+    assert sorted(p.name for p in (tmp_path / "runs" / "s").iterdir()) == sorted(
+        ["study.json", *(Path(d).name for d in stamps)]
+    )
