@@ -146,8 +146,8 @@ def pad_random_crop(
 
 def normalize(
     batch: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
     *,
     channels_last: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -169,8 +169,9 @@ def normalize(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     batch = batch.contiguous(memory_format=memory_format)
     # (x / 255 - mean) / std folded into one subtraction and one division by 255-scaled statistics.
-    shift = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1) * 255
-    scale = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1) * 255
+    # as_tensor: statistics already on the device (the trainer keeps them there) are not copied each step
+    shift = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1) * 255
+    scale = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1) * 255
     out = (batch.float() - shift) / scale
     return out.to(dtype).contiguous(memory_format=memory_format)
 

@@ -120,8 +120,10 @@ class PhaseRunner:
         d = cfg.data
         self.train_transform = TrainTransform(d.train_transform, size) if d.train_transform != "none" else None
         self.eval_transform = EvalTransform(d.eval_transform, size) if d.eval_transform != "none" else None
+        # on the device once: a tensor built from a list every step would be a host-to-device copy per step
         norm = self.manifest["normalization"]
-        self.mean, self.std = norm["mean"], norm["std"]
+        self.mean = torch.tensor(norm["mean"], dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(norm["std"], dtype=torch.float32, device=self.device)
         self.teacher = self._new_teacher()
         self.state = RunState(world_size=world_size(), zero_stage=cfg.dist.zero_stage)
         self.total_steps = self._count_steps()
