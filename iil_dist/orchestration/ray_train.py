@@ -119,6 +119,36 @@ def resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
+def connect(cfg: Config) -> bool:
+    """Starts a local Ray cluster in-process, or joins the one named by RAY_ADDRESS, unless this process is
+    connected already; returns whether it connected (and so should shut Ray down when done)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = dict(_WORKER_ENV)
+    if cfg.dist.use_gpu:
+        env.pop("DS_ACCELERATOR")
+    env["WANDB_MODE"] = os.environ.get("WANDB_MODE", cfg.tracking.wandb_mode)
+    # a report waits for the controller to take the previous one, and the controller looks every
+    # poll interval (Ray's default, 2 s, would make every checkpoint cost up to 2 s)
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.dist.poll_interval_s)
+    # a driver started by `ray job submit` already runs in the job's runtime env, and Ray refuses a
+    # ray.init env var that the job sets too: pass on only what this process does not already have
+    env = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    address = os.environ.get("RAY_ADDRESS")
+    # on a local cluster the console is rank 0's log file (see launch); Ray's forwarding of every worker's
+    # output (and Ray Train's own messages) stays in /tmp/ray/session_latest/logs. "local" always starts a
+    # new cluster: without it Ray would try to join the last `ray start` on this machine, and hang for
+    # minutes when that one is gone but its address file is not
+    ray.init(
+        address=address or "local", include_dashboard=False, runtime_env={"env_vars": env},
+        log_to_driver=address is not None,
+    )  # fmt: skip
+    log.info("ray: %s, %s", f"cluster at {address}" if address else "local cluster", ray.cluster_resources())
+    return True
+
+
 def launch(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Runs the experiment on a Ray cluster (RAY_ADDRESS, or a local one started here)."""
     import ray
@@ -135,29 +165,7 @@ def launch(cfg: Config, resume: bool = False) -> dict[str, Any]:
     revision = code_revision()
     log.info("code revision %s; run directory %s", revision, run_dir)
 
-    env = dict(_WORKER_ENV)
-    if cfg.dist.use_gpu:
-        env.pop("DS_ACCELERATOR")
-    env["WANDB_MODE"] = os.environ.get("WANDB_MODE", cfg.tracking.wandb_mode)
-    # a report waits for the controller to take the previous one, and the controller looks every
-    # poll interval (Ray's default, 2 s, would make every checkpoint cost up to 2 s)
-    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.dist.poll_interval_s)
-    # a driver started by `ray job submit` already runs in the job's runtime env, and Ray refuses a
-    # ray.init env var that the job sets too: pass on only what this process does not already have
-    env = {k: v for k, v in env.items() if os.environ.get(k) != v}
-    started_here = False
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        started_here = address is None
-        # on a local cluster the console is rank 0's log file, followed below; Ray's forwarding of
-        # every worker's output (and Ray Train's own messages) stays in /tmp/ray/session_latest/logs
-        # "local" always starts a new cluster: without it Ray would try to join the last `ray start` on
-        # this machine, and hang for minutes when that one is gone but its address file is not
-        ray.init(
-            address=address or "local", include_dashboard=False, runtime_env={"env_vars": env},
-            log_to_driver=not started_here,
-        )  # fmt: skip
-        log.info("ray: %s, %s", "local cluster" if started_here else f"cluster at {address}", ray.cluster_resources())
+    started_here = connect(cfg)
     try:
         trainer = TorchTrainer(
             train_loop_per_worker=worker_entry,
@@ -174,7 +182,9 @@ def launch(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             ),
         )
-        console = LogFollower(run_dir / "logs" / "rank0.log") if started_here else contextlib.nullcontext()
+        # on this machine's cluster (started here, or by a study) rank 0's log file is right here
+        local = os.environ.get("RAY_ADDRESS") is None
+        console = LogFollower(run_dir / "logs" / "rank0.log") if local else contextlib.nullcontext()
         with console:
             result = trainer.fit()
     finally:

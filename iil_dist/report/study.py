@@ -75,7 +75,7 @@ def run_study(
     import ray
 
     from iil_dist.data.shards import prepare_scenario
-    from iil_dist.orchestration.ray_train import launch
+    from iil_dist.orchestration.ray_train import connect, launch
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -86,9 +86,7 @@ def run_study(
     phases = list(phases or [cfg.data.num_phases])
     base = to_dict(cfg)
     runs = []
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", include_dashboard=False)
+    started = connect(cfg)  # one Ray session for every run of the study
     try:
         for num_phases in phases:
             for order in orders:
