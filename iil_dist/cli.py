@@ -41,6 +41,20 @@ def cmd_study(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from iil_dist.report.report import write_report
+
+    paths = [Path(p) for p in args.paths]
+    out = Path(args.out) if args.out else (paths[0] if len(paths) == 1 else Path("report"))
+    try:
+        report = write_report(paths, out, wandb_mode=args.wandb_mode)
+    except ValueError as err:
+        sys.stderr.write(f"iil-dist: report: {err}\n")
+        return 2
+    sys.stdout.write(f"report: {report.resolve()}\n")
+    return 0
+
+
 def _int_list(text: str | None) -> list[int] | None:
     """`0-4` or `5,10,20` as a list of integers."""
     if not text:
@@ -80,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "positional arguments are then overrides (dist., tracking. and checkpoint. fields)",
             )
     sub.add_parser("fields", help="list every config field with its default and description")
+    report = sub.add_parser(
+        "report", help="report.md and plots of a study or of runs", description="report.md and plots of a "
+        "study directory (study.json) or of run directories (results.json), aggregated over data orders",
+    )  # fmt: skip
+    report.add_argument("paths", nargs="+", help="study or run directories")
+    report.add_argument("--out", help="output directory; default: the one path given, else ./report")
+    report.add_argument("--wandb-mode", default="offline", help="offline, online or disabled (WANDB_MODE wins)")
     return parser
 
 
@@ -90,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fields":
         sys.stdout.write("\n".join(config_mod.describe()) + "\n")
         return 0
+    if args.command == "report":
+        return cmd_report(args)
     resume = getattr(args, "resume", None)
     try:
         cfg = _load_config(args.config, args.overrides, resume)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from iil_dist import cli
 from iil_dist.report.study import summarize, t_interval
@@ -75,3 +76,13 @@ def test_study_runs_every_variant_and_order_and_reuses_finished_runs(tmp_path, c
     assert sorted(p.name for p in (tmp_path / "runs" / "s").iterdir()) == sorted(
         ["study.json", *(Path(d).name for d in stamps)]
     )
+
+    # the report of the study: a table of the final phase, both plots as PNGs, the images logged to wandb
+    assert cli.main(["report", str(tmp_path / "runs" / "s"), "--wandb-mode", "offline"]) == 0
+    report = (tmp_path / "runs" / "s" / "report.md").read_text()
+    assert "| dbd | 1 | 2 |" in report and "| finetune | 1 | 2 |" in report and "![per phase](pp_f.png)" in report
+    for png in ("pp_f.png", "final.png"):
+        with Image.open(tmp_path / "runs" / "s" / png) as image:
+            assert image.format == "PNG" and image.size[0] >= 800
+    assert list((tmp_path / "runs" / "s" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
