@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from iil_dist.data.scenario import Drift
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
@@ -44,8 +46,10 @@ class DataConfig:
         "<scenarios_root>/<source>-<drift>-t<num_phases>-split<split_seed>-order<order_seed>",
     )
     scenarios_root: str = _f("data", "parent of the scenario directories derived when data.root is empty")
-    drift: Literal["none", "rotation"] = _f(
-        "rotation", "concept drift of the incremental phases (METHOD.md §2); `none` is the plain split"
+    drift: Literal["none", "rotation", "corruption", "subpopulation"] = _f(
+        "rotation",
+        "shift of the incremental phases: rotation (METHOD.md §2), corruption (blur + low contrast), "
+        "subpopulation (sub-groups of each class kept out of D(0)), or none (the plain split)",
     )
     num_phases: int = _f(10, "number of incremental phases T after the base phase", ge=1)
     base_fraction: float = _f(0.5, "class-stratified share of the training set that forms D(0)", gt=0, lt=1)
@@ -56,6 +60,14 @@ class DataConfig:
     order_seed: int = _f(0, "seed of the order of the incremental phases", ge=0)
     rotation_min_deg: float = _f(20.0, "smallest rotation angle of drifted images, degrees", ge=0)
     rotation_max_deg: float = _f(60.0, "largest rotation angle of drifted images, degrees", ge=0, le=180)
+    blur_min: float = _f(0.06, "corruption: smallest Gaussian blur sigma, as a fraction of the image side", ge=0)
+    blur_max: float = _f(0.12, "corruption: largest Gaussian blur sigma, as a fraction of the image side", ge=0)
+    contrast_min: float = _f(0.3, "corruption: smallest contrast factor (1 keeps the contrast)", ge=0, le=1)
+    contrast_max: float = _f(0.6, "corruption: largest contrast factor (1 keeps the contrast)", ge=0, le=1)
+    subgroups: int = _f(3, "subpopulation: sub-groups per class (k-means on 8x8 thumbnails)", ge=2)
+    hidden_subgroups: int = _f(
+        1, "subpopulation: the smallest sub-groups of each class kept out of D(0), seen only in phases >= 1", ge=1
+    )
     image_size: int = _f(
         16, "side the images are resized to (square) before drift and sharding; 0 keeps their size", ge=0
     )
@@ -86,6 +98,14 @@ class DataConfig:
     )
     verify_checksums: bool = _f(True, "check every shard's sha256 against the manifest before training")
     in_memory: bool = _f(True, "decode each split once and keep it in memory (small datasets such as digits)")
+
+    def shift(self) -> Drift:
+        """The drift these fields describe (it checks their ranges)."""
+        return Drift(
+            self.drift, rotation_min_deg=self.rotation_min_deg, rotation_max_deg=self.rotation_max_deg,
+            blur_min=self.blur_min, blur_max=self.blur_max, contrast_min=self.contrast_min,
+            contrast_max=self.contrast_max, subgroups=self.subgroups, hidden_subgroups=self.hidden_subgroups,
+        )  # fmt: skip
 
     @property
     def scenario_dir(self) -> Path:
@@ -272,10 +292,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _validate(cfg: Config) -> None:
     """Checks that span several fields."""
     d, m, o = cfg.data, cfg.method, cfg.optim
-    if d.rotation_min_deg > d.rotation_max_deg:
-        raise ConfigError(
-            f"data.rotation_min_deg ({d.rotation_min_deg}) must not exceed data.rotation_max_deg ({d.rotation_max_deg})"
-        )
+    try:
+        d.shift()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if m.name == "dbd" and m.consolidation and m.freeze_epochs >= o.epochs_per_phase:
         raise ConfigError(
             f"method.freeze_epochs ({m.freeze_epochs}) must be < optim.epochs_per_phase ({o.epochs_per_phase}) "

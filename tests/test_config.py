@@ -44,6 +44,8 @@ def test_dotted_overrides_are_typed():
         ({}, ["method.name=sgd"], "method.name"),
         ({}, ["method.freeze_epochs=30"], "method.freeze_epochs"),
         ({}, ["data.rotation_min_deg=70"], "data.rotation_min_deg"),
+        ({}, ["data.drift=subpopulation", "data.hidden_subgroups=3"], "data.hidden_subgroups"),
+        ({}, ["data.drift=corruption", "data.blur_min=0.5"], "data.blur_min"),
         ({"data": 3}, [], "data"),
         ({}, ["data.dusting=true"], "data.dusting"),
         ({}, ["method.dusting=maybe"], "method.dusting"),

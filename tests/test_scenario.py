@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import wids
 
-from iil_dist.data.scenario import apply_drift, build_scenario, resize_images, split_names
+from iil_dist.data.scenario import Drift, apply_drift, build_scenario, resize_images, split_names, subgroup_ids
 from iil_dist.data.shards import read_manifest, verify_shards, write_scenario
 from iil_dist.data.sources import load_digits, load_source
 
@@ -31,13 +31,7 @@ WRITE_ARGS = {
     "image_size": 16,
     "samples_per_shard": 100,
 }
-DRIFT_ARGS = {
-    "drift": "rotation",
-    "seed": 0,
-    "rotation_min_deg": 20.0,
-    "rotation_max_deg": 60.0,
-    "image_size": 16,
-}
+DRIFT_ARGS = {"drift": Drift("rotation", rotation_min_deg=20.0, rotation_max_deg=60.0), "seed": 0, "image_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +153,15 @@ def test_bad_drift_arguments(digits: tuple[np.ndarray, np.ndarray]) -> None:
     """Guards against an unknown drift or bad angle range being accepted silently."""
     images = digits[0][:4]
     with pytest.raises(ValueError, match="data.drift.*rotation.*'shear'"):
-        apply_drift(images, "phase-01", **{**DRIFT_ARGS, "drift": "shear"})
+        Drift("shear")
     with pytest.raises(ValueError, match="rotation_min_deg"):
-        apply_drift(images, "phase-01", **{**DRIFT_ARGS, "rotation_min_deg": 70.0})
+        Drift("rotation", rotation_min_deg=70.0)
+    with pytest.raises(ValueError, match="data.blur_min and data.blur_max"):
+        Drift("corruption", blur_min=0.2, blur_max=0.1)
+    with pytest.raises(ValueError, match="data.contrast_min and data.contrast_max.*1.5"):
+        Drift("corruption", contrast_max=1.5)
+    with pytest.raises(ValueError, match=r"data.hidden_subgroups must be in 1..data.subgroups-1 \(2\), got 3"):
+        Drift("subpopulation", subgroups=3, hidden_subgroups=3)
     with pytest.raises(ValueError, match="split"):
         apply_drift(images, "train", **DRIFT_ARGS)
 
@@ -172,27 +172,96 @@ def test_rotation_drift(digits: tuple[np.ndarray, np.ndarray]) -> None:
     upright = resize_images(images, 16)
     assert upright.shape == (50, 16, 16)
 
-    base, base_angles = apply_drift(images, "base", **DRIFT_ARGS)
-    assert np.array_equal(base, upright) and not base_angles.any()
+    base, base_params = apply_drift(images, "base", **DRIFT_ARGS)
+    assert np.array_equal(base, upright) and not base_params[:, 0].any()
 
-    phase, angles = apply_drift(images, "phase-02", **DRIFT_ARGS)
+    phase, params = apply_drift(images, "phase-02", **DRIFT_ARGS)
+    angles = params[:, 0]
+    assert not params[:, 1].any() and np.all(params[:, 2] == 1.0)  # rotation only: no blur, full contrast
     assert phase.shape == upright.shape
     assert all(not np.array_equal(p, u) for p, u in zip(phase, upright, strict=True))
     assert np.all((np.abs(angles) >= 20.0) & (np.abs(angles) <= 60.0))
     assert (angles < 0).any() and (angles > 0).any()
 
-    test, test_angles = apply_drift(images, "test", **DRIFT_ARGS)
+    test, test_params = apply_drift(images, "test", **DRIFT_ARGS)
+    test_angles = test_params[:, 0]
     assert test.shape == (100, 16, 16)
     assert np.array_equal(test[:50], upright) and not test_angles[:50].any()
     assert np.all(np.abs(test_angles[50:]) >= 20.0)
 
-    again, again_angles = apply_drift(images, "phase-02", **DRIFT_ARGS)
-    assert np.array_equal(again, phase) and np.array_equal(again_angles, angles)
-    _, other_angles = apply_drift(images, "phase-03", **DRIFT_ARGS)
-    assert not np.array_equal(other_angles, angles)
+    again, again_params = apply_drift(images, "phase-02", **DRIFT_ARGS)
+    assert np.array_equal(again, phase) and np.array_equal(again_params, params)
+    _, other_params = apply_drift(images, "phase-03", **DRIFT_ARGS)
+    assert not np.array_equal(other_params, params)
 
-    plain, plain_angles = apply_drift(images, "test", **{**DRIFT_ARGS, "drift": "none"})
-    assert np.array_equal(plain, upright) and not plain_angles.any()
+    plain, plain_params = apply_drift(images, "test", **{**DRIFT_ARGS, "drift": Drift("none")})
+    assert np.array_equal(plain, upright) and np.array_equal(plain_params, np.tile([0.0, 0.0, 1.0], (50, 1)))
+
+
+def test_corruption_drift(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """Guards against corrupted base images, phases that are not blurred and low in contrast, or a test set
+    not doubled clean + corrupted."""
+    images = digits[0][:50]
+    upright = resize_images(images, 16).astype(np.float64)
+    corruption = Drift("corruption", blur_min=0.06, blur_max=0.12, contrast_min=0.3, contrast_max=0.6)
+    args = {**DRIFT_ARGS, "drift": corruption}
+    base, base_params = apply_drift(images, "base", **args)
+    assert np.array_equal(base, upright) and np.all(base_params == [0.0, 0.0, 1.0])
+
+    phase, params = apply_drift(images, "phase-01", **args)
+    assert not params[:, 0].any()  # no rotation
+    assert np.all((params[:, 1] >= 0.06) & (params[:, 1] <= 0.12))
+    assert np.all((params[:, 2] >= 0.3) & (params[:, 2] <= 0.6))
+    # contrast at most 0.6 of the original: the spread of the pixel values shrinks at least that much
+    assert np.all(phase.reshape(50, -1).std(1) < 0.65 * upright.reshape(50, -1).std(1))
+
+    # blur: the share of high frequencies (Laplacian energy per unit of variance, which a contrast change
+    # leaves alone) drops
+    def sharpness(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+        return (lap**2).mean((1, 2)) / x.var((1, 2))
+
+    assert np.all(sharpness(phase) < 0.8 * sharpness(upright))
+
+    test, test_params = apply_drift(images, "test", **args)
+    assert test.shape == (100, 16, 16) and np.array_equal(test[:50], upright)
+    assert np.all(test_params[50:, 2] <= 0.6)
+
+
+def test_subpopulation_groups(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """Guards against sub-groups that mix classes, change between calls, or are not numbered by size."""
+    images, labels = digits
+    thumbs = resize_images(images, 8)
+    groups = subgroup_ids(thumbs, labels, num_groups=3, seed=0)
+    assert np.array_equal(groups, subgroup_ids(thumbs, labels, num_groups=3, seed=0))
+    for cls in range(10):
+        sizes = np.bincount(groups[labels == cls], minlength=3)
+        assert sizes.min() > 0 and list(sizes) == sorted(sizes, reverse=True)
+    # the clusters are real structure: a group's members are closer to their own centre than to the others'
+    x = thumbs.reshape(len(thumbs), -1).astype(np.float64)
+    members = labels == 7
+    centres = np.stack([x[members & (groups == g)].mean(0) for g in range(3)])
+    nearest = ((x[members][:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest == groups[members]).mean() > 0.9
+
+
+def test_subpopulation_scenario(tmp_path: Path) -> None:
+    """Guards against a hidden sub-group leaking into D(0), or hidden samples missing from the phases and the
+    test set, under the subpopulation drift (images stay unchanged, the test set is not doubled)."""
+    manifest = write_scenario(tmp_path / "s", **{**WRITE_ARGS, "drift": "subpopulation", "subgroups": 3,
+                                                   "hidden_subgroups": 1})  # fmt: skip
+    splits = manifest["splits"]
+    assert splits["base"]["num_hidden"] == 0
+    in_phases = [splits[f"phase-{t:02d}"]["num_hidden"] for t in range(1, NUM_PHASES + 1)]
+    assert all(n > 0 for n in in_phases)
+    assert splits["test"]["num_hidden"] > 0 and splits["test"]["num_samples"] == splits["test"]["num_source_samples"]
+    # D(0) keeps its size: the hidden samples are replaced by other samples of their class
+    plain = write_scenario(tmp_path / "p", **{**WRITE_ARGS, "drift": "none"})
+    assert splits["base"]["class_counts"] == plain["splits"]["base"]["class_counts"]
+    with pytest.raises(ValueError, match="data.hidden_subgroups or data.base_fraction"):
+        write_scenario(tmp_path / "x", **{**WRITE_ARGS, "drift": "subpopulation", "subgroups": 3,
+                                           "hidden_subgroups": 2, "base_fraction": 0.9})  # fmt: skip
 
 
 def test_same_arguments_byte_identical(scenario_dir: Path, tmp_path: Path) -> None:

@@ -7,13 +7,14 @@ and "test". The base and test sets and the content of the incremental sets depen
 
 import hashlib
 import re
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
 BASE = "base"
 TEST = "test"
-DRIFTS = ("none", "rotation")
+DRIFTS = ("none", "rotation", "corruption", "subpopulation")
 _PHASE_RE = re.compile(r"phase-\d{2,}")
 
 
@@ -36,6 +37,7 @@ def build_scenario(
     split_seed: int,
     order_seed: int,
     num_train: int | None = None,
+    hidden: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Split sample indices into base, phase-01..phase-NN and test (sorted int64 arrays, disjoint, covering).
 
@@ -49,6 +51,8 @@ def build_scenario(
         order_seed: seeds only the order of the incremental sets.
         num_train: samples 0..num_train-1 are the training set and the rest the official test set
             (METHOD.md §2); None carves the test set out with `test_fraction`.
+        hidden: optional boolean mask (N,) of samples that may not enter D(0) (the hidden sub-populations
+            of the subpopulation drift); D(0) keeps its class-stratified size, drawn from the others.
     """
     labels = np.asarray(labels)
     _check_scenario_args(labels, num_phases, base_fraction, test_fraction, split_seed, order_seed)
@@ -60,7 +64,7 @@ def build_scenario(
         test, train = _stratified_take(all_indices, labels, test_fraction, split_rng)
     else:
         train, test = all_indices[:num_train], all_indices[num_train:]
-    base, incremental = _stratified_take(train, labels, base_fraction, split_rng)
+    base, incremental = _stratified_take(train, labels, base_fraction, split_rng, hidden)
     if len(test) == 0:
         raise ValueError(f"data.test_fraction={test_fraction} leaves the test split empty")
     if len(base) == 0:
@@ -100,9 +104,14 @@ def _check_scenario_args(
 
 
 def _stratified_take(
-    indices: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
+    indices: np.ndarray,
+    labels: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    hidden: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Take round(fraction * len(indices)) samples, each class within one sample of its proportional share."""
+    """Take round(fraction * len(indices)) samples, each class within one sample of its proportional share,
+    none of them `hidden`."""
     classes, counts = np.unique(labels[indices], return_counts=True)
     quotas = fraction * counts
     take = np.floor(quotas).astype(np.int64)
@@ -115,6 +124,15 @@ def _stratified_take(
     taken, rest = [], []
     for cls, k in zip(classes, take, strict=True):
         members = rng.permutation(indices[labels[indices] == cls])
+        if hidden is not None:
+            # a stable partition keeps the permutation's order inside the allowed and the hidden members
+            allowed = ~hidden[members]
+            if allowed.sum() < k:
+                raise ValueError(
+                    f"class {int(cls)} has {int(allowed.sum())} samples outside its hidden sub-groups, fewer than "
+                    f"the {int(k)} data.base_fraction asks for; lower data.hidden_subgroups or data.base_fraction"
+                )
+            members = np.concatenate([members[allowed], members[~allowed]])
         taken.append(members[:k])
         rest.append(members[k:])
     return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
@@ -143,14 +161,140 @@ def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR)) for img in images])
 
 
-def _rotate(image: np.ndarray, angle_deg: float) -> np.ndarray:
-    """`image` rotated like the shard writer rotates (see `rotate`)."""
-    return np.asarray(rotate(Image.fromarray(image), angle_deg))
+def subgroup_ids(thumbnails: np.ndarray, labels: np.ndarray, *, num_groups: int, seed: int) -> np.ndarray:
+    """Sub-group of each sample within its class: k-means (k = `num_groups`) on its thumbnail's pixels.
+
+    Deterministic for the same inputs and seed. Groups are numbered per class by size, largest first,
+    so group `num_groups - 1` is the smallest of its class.
+    """
+    features = thumbnails.reshape(len(thumbnails), -1).astype(np.float64) / 255.0
+    groups = np.zeros(len(labels), dtype=np.int64)
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        rng = np.random.default_rng(derived_seed(seed, f"subgroups-{int(cls)}"))
+        assignment = _kmeans(features[members], min(num_groups, len(members)), rng)
+        sizes = np.bincount(assignment, minlength=num_groups)
+        rank = np.empty(num_groups, dtype=np.int64)
+        rank[np.argsort(-sizes, kind="stable")] = np.arange(num_groups)
+        groups[members] = rank[assignment]
+    return groups
 
 
-def rotate(image: Image.Image, angle_deg: float) -> Image.Image:
-    # counter-clockwise for positive angles; corners that come from outside the image are black
-    return image.rotate(angle_deg, resample=Image.Resampling.BILINEAR, fillcolor=0)
+def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 30) -> np.ndarray:
+    """Cluster index of each row of x: k-means++ seeding, then Lloyd iterations."""
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, k):
+        dist = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
+        total = dist.sum()
+        centres.append(x[rng.choice(len(x), p=dist / total)] if total > 0 else x[rng.integers(len(x))])
+    centres = np.stack(centres)
+    assignment = np.zeros(len(x), dtype=np.int64)
+    for _ in range(iterations):
+        assignment = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+        for j in range(k):
+            if (assignment == j).any():
+                centres[j] = x[assignment == j].mean(0)
+    return assignment
+
+
+def thumbnail(image: Image.Image, side: int = 8) -> np.ndarray:
+    """A side x side grayscale thumbnail (uint8), the feature the sub-populations are clustered on."""
+    return np.asarray(image.convert("L").resize((side, side), Image.Resampling.BILINEAR))
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A controlled shift of the incremental phases (METHOD.md §2), chosen by `data.drift`.
+
+    - rotation: every phase image is rotated by an angle in [rotation_min_deg, rotation_max_deg], either way;
+    - corruption: every phase image is blurred (Gaussian, sigma a fraction in [blur_min, blur_max] of the
+      image side) and loses contrast (factor in [contrast_min, contrast_max]; 1 keeps it);
+    - subpopulation: each class is cut into `subgroups` sub-groups (k-means on 8x8 thumbnails); its
+      `hidden_subgroups` smallest never enter D(0), so they appear only in phases >= 1. Images are unchanged.
+
+    The base set is never transformed. Under rotation and corruption the test set holds every test image
+    twice, clean then transformed; under subpopulation it is the plain test set (all sub-groups).
+    """
+
+    kind: str = "none"
+    rotation_min_deg: float = 20.0
+    rotation_max_deg: float = 60.0
+    blur_min: float = 0.06
+    blur_max: float = 0.12
+    contrast_min: float = 0.3
+    contrast_max: float = 0.6
+    subgroups: int = 3
+    hidden_subgroups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in DRIFTS:
+            raise ValueError(f"data.drift must be one of {list(DRIFTS)}, got {self.kind!r}")
+        ranges = (("rotation_min_deg", "rotation_max_deg", 0.0, 180.0), ("blur_min", "blur_max", 0.0, 1.0),
+                  ("contrast_min", "contrast_max", 0.0, 1.0))  # fmt: skip
+        for low, high, floor, ceiling in ranges:
+            lo, hi = getattr(self, low), getattr(self, high)
+            if not floor <= lo <= hi <= ceiling:
+                raise ValueError(
+                    f"data.{low} and data.{high} must satisfy {floor:g} <= min <= max <= {ceiling:g}, "
+                    f"got {lo!r} and {hi!r}"
+                )
+        if not 1 <= self.hidden_subgroups < self.subgroups:
+            raise ValueError(
+                f"data.hidden_subgroups must be in 1..data.subgroups-1 ({self.subgroups - 1}), "
+                f"got {self.hidden_subgroups!r}"
+            )
+
+    @property
+    def transforms_images(self) -> bool:
+        return self.kind in ("rotation", "corruption")
+
+
+# one row of per-image drift parameters: rotation angle (degrees), blur sigma (fraction of the side),
+# contrast factor; this row leaves an image unchanged
+IDENTITY = (0.0, 0.0, 1.0)
+
+
+def drift_params(num_images: int, split: str, drift: Drift, seed: int) -> np.ndarray:
+    """Parameters (M, 3) of the transform of each output image of a split of `num_images` source images.
+
+    Rows are (angle in degrees, blur sigma as a fraction of the side, contrast factor); see `Drift`. They
+    depend only on `seed` and the split name.
+    """
+    kind = _split_kind(split)
+    clean = np.tile(np.asarray(IDENTITY), (num_images, 1))
+    if not drift.transforms_images or kind == BASE:
+        return clean
+    rng = np.random.default_rng(derived_seed(seed, split))
+    drifted = clean.copy()
+    if drift.kind == "rotation":
+        magnitudes = rng.uniform(drift.rotation_min_deg, drift.rotation_max_deg, size=num_images)
+        signs = np.where(rng.random(num_images) < 0.5, -1.0, 1.0)
+        drifted[:, 0] = signs * magnitudes
+    else:
+        drifted[:, 1] = rng.uniform(drift.blur_min, drift.blur_max, size=num_images)
+        drifted[:, 2] = rng.uniform(drift.contrast_min, drift.contrast_max, size=num_images)
+    return drifted if kind == "phase" else np.concatenate([clean, drifted])
+
+
+def drift_source_positions(num_images: int, split: str, drift: Drift) -> np.ndarray:
+    """Input position of each output image of a split: labels[positions] labels the output."""
+    positions = np.arange(num_images, dtype=np.int64)
+    if drift.transforms_images and _split_kind(split) == TEST:
+        return np.concatenate([positions, positions])
+    return positions
+
+
+def distort(image: Image.Image, params: np.ndarray | tuple[float, float, float]) -> Image.Image:
+    """`image` with one row of `drift_params` applied: rotation, then blur, then contrast."""
+    angle, blur, contrast = (float(v) for v in params)
+    if angle:
+        # counter-clockwise for positive angles; corners that come from outside the image are black
+        image = image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+    if blur:
+        image = image.filter(ImageFilter.GaussianBlur(radius=blur * max(image.size)))
+    if contrast != 1.0:
+        image = ImageEnhance.Contrast(image).enhance(contrast)
+    return image
 
 
 def _split_kind(split: str) -> str:
@@ -162,68 +306,17 @@ def _split_kind(split: str) -> str:
 
 
 def apply_drift(
-    images: np.ndarray,
-    split: str,
-    *,
-    drift: str,
-    seed: int,
-    rotation_min_deg: float,
-    rotation_max_deg: float,
-    image_size: int,
+    images: np.ndarray, split: str, *, drift: Drift, seed: int, image_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resize the images of one split and apply the concept drift of METHOD.md §2.
+    """Resize the images (N, H, W[, C]) uint8 of one split and apply `drift` as the shard writer does.
 
-    With drift "rotation" the base split stays upright, every phase image is rotated by an angle drawn
-    uniformly from [rotation_min_deg, rotation_max_deg] with a random sign, and the test split is doubled:
-    the output is concat(upright, rotated), so output i comes from input `drift_source_positions(...)[i]`
-    (i mod N for the test split). The angles depend only on `seed` and the split name.
-
-    Returns:
-        The images (M, image_size, image_size[, C]) uint8 and the rotation angle of each, degrees (M,).
+    Returns the images (M, image_size, image_size[, C]) and their `drift_params` rows (M, 3); output i
+    comes from input `drift_source_positions(...)[i]`.
     """
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"data.image_size must be a positive integer, got {image_size!r}")
-    positions = drift_source_positions(len(images), split, drift=drift)
-    angles = drift_angles(
-        len(images), split, drift=drift, seed=seed, rotation_min_deg=rotation_min_deg, rotation_max_deg=rotation_max_deg
-    )
+    positions = drift_source_positions(len(images), split, drift)
+    params = drift_params(len(images), split, drift, seed)
     upright = resize_images(images, image_size)
-    out = np.stack([_rotate(upright[p], a) if a else upright[p] for p, a in zip(positions, angles, strict=True)])
-    return out, angles
-
-
-def drift_angles(
-    num_images: int, split: str, *, drift: str, seed: int, rotation_min_deg: float, rotation_max_deg: float
-) -> np.ndarray:
-    """Rotation angle in degrees of each output image of a split of `num_images` source images (0 = upright).
-
-    Base images stay upright; every phase image gets an angle drawn uniformly from
-    [rotation_min_deg, rotation_max_deg] with a random sign; the test split is doubled, upright then
-    rotated. The angles depend only on `seed` and the split name.
-    """
-    if drift not in DRIFTS:
-        raise ValueError(f"data.drift must be one of {list(DRIFTS)}, got {drift!r}")
-    if not 0.0 <= rotation_min_deg <= rotation_max_deg <= 180.0:
-        raise ValueError(
-            "data.rotation_min_deg and data.rotation_max_deg must satisfy 0 <= min <= max <= 180, "
-            f"got {rotation_min_deg!r} and {rotation_max_deg!r}"
-        )
-    kind = _split_kind(split)
-    no_rotation = np.zeros(num_images, dtype=np.float64)
-    if drift == "none" or kind == BASE:
-        return no_rotation
-    rng = np.random.default_rng(derived_seed(seed, split))
-    magnitudes = rng.uniform(rotation_min_deg, rotation_max_deg, size=num_images)
-    signs = np.where(rng.random(num_images) < 0.5, -1.0, 1.0)
-    angles = signs * magnitudes
-    return angles if kind == "phase" else np.concatenate([no_rotation, angles])
-
-
-def drift_source_positions(num_images: int, split: str, *, drift: str) -> np.ndarray:
-    """Input position of each output image of `apply_drift`: labels[positions] labels the output."""
-    if drift not in DRIFTS:
-        raise ValueError(f"data.drift must be one of {list(DRIFTS)}, got {drift!r}")
-    positions = np.arange(num_images, dtype=np.int64)
-    if drift == "rotation" and _split_kind(split) == TEST:
-        return np.concatenate([positions, positions])
-    return positions
+    out = [np.asarray(distort(Image.fromarray(upright[p]), row)) for p, row in zip(positions, params, strict=True)]
+    return np.stack(out), params

@@ -12,7 +12,7 @@ Keys are "<split>-<6-digit position in split>": no "." or "/" so that WebDataset
 the member name into key and extension the same way. Same arguments give byte-identical files.
 
 Writing scales to ImageNet: every shard is one task for a pool of processes, which receives only
-its own samples' labels, drift angles and image references (array rows or file names) and returns
+its own samples' labels, drift parameters and image references (array rows or file names) and returns
 its checksum, so memory stays flat in the dataset size; at most two tasks per process are in
 flight. A shard is written to a temporary name, synced and renamed; the journal records it, and a
 rerun with the same arguments skips every shard whose checksum still matches.
@@ -37,7 +37,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from iil_dist.data.scenario import build_scenario, drift_angles, drift_source_positions, rotate, split_names
+from iil_dist.data.scenario import (
+    IDENTITY,
+    Drift,
+    build_scenario,
+    distort,
+    drift_params,
+    drift_source_positions,
+    split_names,
+    subgroup_ids,
+    thumbnail,
+)
 from iil_dist.data.sources import EncodedImage, Items, RawImage, load_source
 
 logger = logging.getLogger(__name__)
@@ -60,9 +70,12 @@ _SIZE_PROBE = 16
 # the arguments that define a scenario: equal values give byte-identical shards
 SCENARIO_ARGS = (
     "source", "class_list", "num_phases", "base_fraction", "test_fraction", "split_seed", "order_seed", "drift",
-    "rotation_min_deg", "rotation_max_deg", "image_size", "max_side", "encode", "jpeg_quality",
-    "samples_per_shard", "shard_size_mb",
+    "rotation_min_deg", "rotation_max_deg", "blur_min", "blur_max", "contrast_min", "contrast_max", "subgroups",
+    "hidden_subgroups", "image_size", "max_side", "encode", "jpeg_quality", "samples_per_shard", "shard_size_mb",
 )  # fmt: skip
+# the arguments that make the `Drift`
+_DRIFT_ARGS = ("rotation_min_deg", "rotation_max_deg", "blur_min", "blur_max", "contrast_min", "contrast_max",
+               "subgroups", "hidden_subgroups")  # fmt: skip
 _TOP_FIELDS = (
     "format_version",
     *SCENARIO_ARGS,
@@ -93,10 +106,12 @@ class RenderOptions:
     jpeg_quality: int
 
 
-def render(raw: RawImage, angle: float, opts: RenderOptions) -> tuple[bytes, str]:
-    """The stored bytes and extension (`png` or `jpg`) of one sample after resize and drift."""
+def render(raw: RawImage, params: np.ndarray, opts: RenderOptions) -> tuple[bytes, str]:
+    """The stored bytes and extension (`png` or `jpg`) of one sample after resize and drift (`params`: a
+    row of `drift_params`)."""
+    unchanged = tuple(float(v) for v in params) == IDENTITY
     if isinstance(raw, EncodedImage) and opts.encode == "keep" and raw.ext in ("jpg", "png"):
-        if not opts.image_size and not angle and (not opts.max_side or _longest_side(raw) <= opts.max_side):
+        if not opts.image_size and unchanged and (not opts.max_side or _longest_side(raw) <= opts.max_side):
             return raw.data, raw.ext
     image = Image.fromarray(raw) if isinstance(raw, np.ndarray) else _open(raw)
     if image.mode != opts.mode:
@@ -107,8 +122,8 @@ def render(raw: RawImage, angle: float, opts: RenderOptions) -> tuple[bytes, str
         scale = opts.max_side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BILINEAR)
-    if angle:
-        image = rotate(image, angle)
+    if not unchanged:
+        image = distort(image, params)
     buffer = io.BytesIO()
     if opts.encode == "png" or (opts.encode == "keep" and isinstance(raw, np.ndarray)):
         # fixed encoder settings: same pixels, same bytes (PNG carries no timestamp unless asked to)
@@ -131,14 +146,14 @@ def _longest_side(raw: EncodedImage) -> int:
 
 @dataclass
 class ShardTask:
-    """One shard to write: its samples' images, labels and drift angles, and which count for statistics."""
+    """One shard to write: its samples' images, labels and drift parameters, and which count for statistics."""
 
     path: Path
     split: str
     first_position: int
     items: Items
     labels: np.ndarray
-    angles: np.ndarray
+    params: np.ndarray  # (samples, 3) rows of `drift_params`
     stats_rows: np.ndarray  # rows of this shard whose pixels feed the normalisation statistics
     opts: RenderOptions
 
@@ -161,7 +176,7 @@ def write_shard(task: ShardTask) -> ShardResult:
 
     def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
         for row in range(len(task.labels)):
-            data, ext = render(task.items[row], float(task.angles[row]), task.opts)
+            data, ext = render(task.items[row], task.params[row], task.opts)
             if row in stats_rows:
                 pixels = np.asarray(Image.open(io.BytesIO(data)).convert(task.opts.mode)).reshape(-1, channels)
                 for c in range(channels):
@@ -204,6 +219,12 @@ def write_scenario(
     rotation_max_deg: float,
     image_size: int,
     samples_per_shard: int,
+    blur_min: float = 0.06,
+    blur_max: float = 0.12,
+    contrast_min: float = 0.3,
+    contrast_max: float = 0.6,
+    subgroups: int = 3,
+    hidden_subgroups: int = 1,
     source_path: str = "",
     class_list: str = "",
     max_side: int = 0,
@@ -223,34 +244,41 @@ def write_scenario(
     args = {
         "source": source, "class_list": class_list, "num_phases": num_phases, "base_fraction": base_fraction,
         "test_fraction": test_fraction, "split_seed": split_seed, "order_seed": order_seed, "drift": drift,
-        "rotation_min_deg": rotation_min_deg, "rotation_max_deg": rotation_max_deg, "image_size": image_size,
-        "max_side": max_side, "encode": encode, "jpeg_quality": jpeg_quality,
-        "samples_per_shard": samples_per_shard, "shard_size_mb": shard_size_mb,
+        "rotation_min_deg": rotation_min_deg, "rotation_max_deg": rotation_max_deg, "blur_min": blur_min,
+        "blur_max": blur_max, "contrast_min": contrast_min, "contrast_max": contrast_max, "subgroups": subgroups,
+        "hidden_subgroups": hidden_subgroups, "image_size": image_size, "max_side": max_side, "encode": encode,
+        "jpeg_quality": jpeg_quality, "samples_per_shard": samples_per_shard, "shard_size_mb": shard_size_mb,
     }  # fmt: skip
     _check_write_args(args)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
+    shift = Drift(drift, **{name: args[name] for name in _DRIFT_ARGS})
     src = load_source(source, source_path, class_list, cache_dir=out_dir / ".source")
+    hidden = _hidden_subgroups(src, shift, split_seed) if shift.kind == "subpopulation" else None
     scenario = build_scenario(
         src.labels, num_phases=num_phases, base_fraction=base_fraction, test_fraction=test_fraction,
         split_seed=split_seed, order_seed=order_seed, num_train=src.num_train if src.has_test_split else None,
+        hidden=hidden,
     )  # fmt: skip
     opts = RenderOptions("L" if src.channels == 1 else "RGB", image_size, max_side, encode, jpeg_quality)
     num_classes = len(src.class_names)
 
     # tasks are made lazily, split by split, as the pool takes them: memory stays flat in the dataset size
     names = split_names(num_phases)
-    tasks = (task for split in names for task in _plan_split(out_dir, split, scenario[split], src, args, opts))
-    total = sum(len(drift_source_positions(len(scenario[split]), split, drift=drift)) for split in names)
+    tasks = (task for split in names for task in _plan_split(out_dir, split, scenario[split], src, args, shift, opts))
+    total = sum(len(drift_source_positions(len(scenario[split]), split, shift)) for split in names)
     results = _run_tasks(out_dir, tasks, total, args, num_workers, progress)
 
     splits: dict[str, dict] = {}
     for split in names:
-        positions = drift_source_positions(len(scenario[split]), split, drift=drift)
+        positions = drift_source_positions(len(scenario[split]), split, shift)
         labels = src.labels[scenario[split][positions]]
         splits[split] = _split_entry(out_dir, split, results[split], labels, num_classes)
         splits[split]["num_source_samples"] = len(scenario[split])
+        if hidden is not None:
+            # samples of the hidden sub-groups: none in base, the rest spread over the phases (and the test set)
+            splits[split]["num_hidden"] = int(hidden[scenario[split]].sum())
     mean, std = _normalization(results["base"])
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -284,23 +312,43 @@ def _check_write_args(args: dict[str, Any]) -> None:
             raise ValueError(f"data.{name} must be an integer >= 0, got {args[name]!r}")
 
 
+def _hidden_subgroups(src: Any, drift: Drift, seed: int) -> np.ndarray:
+    """The subpopulation drift's mask of training samples that D(0) may not hold (test samples: False)."""
+    train = np.arange(src.num_train if src.has_test_split else len(src.labels))
+    thumbs = np.stack([thumbnail(_as_image(src.items[int(i)])) for i in train])
+    groups = subgroup_ids(thumbs, src.labels[train], num_groups=drift.subgroups, seed=seed)
+    hidden = np.zeros(len(src.labels), dtype=bool)
+    hidden[train] = groups >= drift.subgroups - drift.hidden_subgroups
+    return hidden
+
+
+def _as_image(raw: RawImage) -> Image.Image:
+    if isinstance(raw, np.ndarray):
+        return Image.fromarray(raw)
+    image = Image.open(io.BytesIO(raw.data))
+    image.draft("L", (64, 64))  # JPEG: decode at a reduced scale, a thumbnail is all that is needed
+    return image
+
+
 def _plan_split(
-    out_dir: Path, split: str, indices: np.ndarray, src: Any, args: dict[str, Any], opts: RenderOptions
+    out_dir: Path,
+    split: str,
+    indices: np.ndarray,
+    src: Any,
+    args: dict[str, Any],
+    drift: Drift,
+    opts: RenderOptions,
 ) -> Iterator[ShardTask]:
     """The shard tasks of one split, in order; the same arguments always give the same plan."""
-    drift = args["drift"]
-    positions = drift_source_positions(len(indices), split, drift=drift)
+    positions = drift_source_positions(len(indices), split, drift)
     source_rows = indices[positions]
     labels = src.labels[source_rows]
-    angles = drift_angles(
-        len(indices), split, drift=drift, seed=args["split_seed"],
-        rotation_min_deg=args["rotation_min_deg"], rotation_max_deg=args["rotation_max_deg"],
-    )  # fmt: skip
+    params = drift_params(len(indices), split, drift, args["split_seed"])
     total = len(source_rows)
     per_shard = args["samples_per_shard"]
     if args["shard_size_mb"] > 0:
         probe = range(min(_SIZE_PROBE, total))
-        mean_bytes = np.mean([len(render(src.items[int(source_rows[i])], angles[i], opts)[0]) for i in probe])
+        mean_bytes = np.mean([len(render(src.items[int(source_rows[i])], params[i], opts)[0]) for i in probe])
         per_shard = max(1, int(args["shard_size_mb"] * 2**20 / (mean_bytes + _TAR_OVERHEAD_PER_SAMPLE)))
     stats_step = max(1, math.ceil(total / _STATS_SAMPLES))
     split_dir = out_dir / split
@@ -315,7 +363,7 @@ def _plan_split(
                 first_position=start,
                 items=src.items.subset(source_rows[start:stop]),
                 labels=labels[start:stop],
-                angles=angles[start:stop],
+                params=params[start:stop],
                 stats_rows=stats_rows,
                 opts=opts,
             )  # fmt: skip
