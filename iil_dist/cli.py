@@ -105,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may also follow the options (`study CONFIG --name N data.drift=none`): argparse leaves
+    # positionals after an option unparsed, so dotted assignments among the leftovers are overrides too
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     setup_logging(rank=0)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.command == "fields":
