@@ -35,7 +35,9 @@ def cmd_train(cfg: config_mod.Config, resume: bool) -> int:
 def cmd_study(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from iil_dist.report.study import format_summary, run_study
 
-    study = run_study(cfg, args.name, args.variants.split(","), _int_list(args.orders), _int_list(args.phases))
+    study = run_study(
+        cfg, args.name, args.variants.split(","), _int_list(args.orders), _int_list(args.phases), args.sweep or ()
+    )
     sys.stdout.write("\n" + format_summary(study) + "\n")
     sys.stdout.write(f"\nstudy: {Path(cfg.run_root).resolve() / args.name / 'study.json'}\n")
     return 0
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--variants", default="dbd,finetune", help=f"comma-separated, from {', '.join(VARIANTS)}")
             p.add_argument("--orders", default="0-4", help="data.order_seed values: a range 0-4 or a list 0,2,5")
             p.add_argument("--phases", help="numbers of phases for the task-count study, e.g. 5,10,20")
+            p.add_argument(
+                "--sweep", action="append", metavar="FIELD=V1,V2",
+                help="also run each variant with FIELD set to each value, one field at a time (repeatable)",
+            )  # fmt: skip
         else:
             p.add_argument(
                 "--resume",

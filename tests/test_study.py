@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from iil_dist import cli
+from iil_dist.config import ConfigError, from_dict
 from iil_dist.report.study import summarize, t_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,3 +100,29 @@ def test_cli_rejects_stray_arguments(capsys):
             cli.main(argv)
         assert exit_info.value.code == 2
         assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err
+
+
+def test_sweep_expands_one_field_at_a_time():
+    """Guards against a sweep that varies several fields at once, drops the unswept variant, or lets a bad
+    field through to the runs."""
+    from iil_dist.report.study import expand_variants, run_study
+
+    expanded = expand_variants(["dbd", "finetune"], ["method.sigma=0.5,2", "method.ema_alpha=0.8"])
+    assert expanded == {
+        "dbd": ["method.name=dbd"],
+        "finetune": ["method.name=finetune"],
+        "dbd+method.sigma=0.5": ["method.name=dbd", "method.sigma=0.5"],
+        "dbd+method.sigma=2": ["method.name=dbd", "method.sigma=2"],
+        "finetune+method.sigma=0.5": ["method.name=finetune", "method.sigma=0.5"],
+        "finetune+method.sigma=2": ["method.name=finetune", "method.sigma=2"],
+        "dbd+method.ema_alpha=0.8": ["method.name=dbd", "method.ema_alpha=0.8"],
+        "finetune+method.ema_alpha=0.8": ["method.name=finetune", "method.ema_alpha=0.8"],
+    }
+    with pytest.raises(ConfigError, match="FIELD=V1,V2"):
+        expand_variants(["dbd"], ["method.sigma"])
+    # checked before Ray starts or a scenario is written
+    cfg = from_dict({})
+    with pytest.raises(ConfigError, match="method.sigmaa"):
+        run_study(cfg, "s", ["dbd"], [0], sweep=["method.sigmaa=1"])
+    with pytest.raises(ConfigError, match="method.ema_alpha"):
+        run_study(cfg, "s", ["dbd"], [0], sweep=["method.ema_alpha=1.5"])

@@ -118,12 +118,15 @@ def _plot_final(rows: list[dict[str, Any]], path: Path, name: str) -> None:
 
     final = [r for r in rows if r["phase"] == r["num_phases"]]
     labels = [f"{r['variant']}\n(T={r['num_phases']})" for r in final]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    crowded = len(final) > 6  # a sweep: widen the figure and slant the labels so they stay readable
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(final)), 4.5 if crowded else 4), constrained_layout=True)
     for ax, metric, title in zip(axes, ("pp", "f"), ("PP_T (higher is better)", "F_T (lower is better)"), strict=True):
         mean = [r[f"teacher/{metric}"]["mean"] for r in final]
         ci = [0.0 if math.isnan(r[f"teacher/{metric}"]["ci"]) else r[f"teacher/{metric}"]["ci"] for r in final]
         ax.bar(range(len(final)), mean, yerr=ci, capsize=4, color=plt.cm.tab10.colors[0 if metric == "pp" else 3])
-        ax.set_xticks(range(len(final)), labels, fontsize=8)
+        ax.set_xticks(
+            range(len(final)), labels, fontsize=8, rotation=35 if crowded else 0, ha="right" if crowded else "center"
+        )
         ax.set_ylabel("points vs the base model")
         ax.set_title(f"deployed model: {title}")
         ax.axhline(0.0, color="grey", linewidth=0.8)

@@ -68,8 +68,30 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def expand_variants(variants: Sequence[str], sweep: Sequence[str] = ()) -> dict[str, list[str]]:
+    """The overrides of every variant of a study: each named variant, and, for a one-at-a-time sweep, each
+    variant with one field set to one of its values ("FIELD=V1,V2,..."), named "VARIANT+FIELD=V"."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"study: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    expanded = {v: list(VARIANTS[v]) for v in variants}
+    for spec in sweep:
+        field, _, values = spec.partition("=")
+        if not field or not values:
+            raise ConfigError(f"study: --sweep takes FIELD=V1,V2,..., got {spec!r}")
+        for variant in variants:
+            for value in values.split(","):
+                expanded[f"{variant}+{field}={value}"] = [*VARIANTS[variant], f"{field}={value}"]
+    return expanded
+
+
 def run_study(
-    cfg: Config, name: str, variants: Sequence[str], orders: Sequence[int], phases: Sequence[int] | None = None
+    cfg: Config,
+    name: str,
+    variants: Sequence[str],
+    orders: Sequence[int],
+    phases: Sequence[int] | None = None,
+    sweep: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Prepares every scenario, runs every (variant, T, order) not finished yet, writes and returns study.json."""
     import ray
@@ -77,14 +99,14 @@ def run_study(
     from iil_dist.data.shards import prepare_scenario
     from iil_dist.orchestration.ray_train import connect, launch
 
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"study: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    expanded = expand_variants(variants, sweep)
+    base = to_dict(cfg)
+    for overrides in expanded.values():
+        from_dict(base, overrides)  # a bad sweep field or value stops the study before anything runs
     if cfg.data.root:
         raise ConfigError("data.root: leave it empty in a study, each order gets its own derived scenario directory")
     study_dir = Path(cfg.run_root) / name
     phases = list(phases or [cfg.data.num_phases])
-    base = to_dict(cfg)
     runs = []
     started = connect(cfg)  # one Ray session for every run of the study
     try:
@@ -92,8 +114,8 @@ def run_study(
             for order in orders:
                 scenario = [f"data.num_phases={num_phases}", f"data.order_seed={order}"]
                 prepare_scenario(from_dict(base, scenario).data, progress=False)
-                for variant in variants:
-                    overrides = [*scenario, *VARIANTS[variant], f"run_root={study_dir}",
+                for variant, variant_overrides in expanded.items():
+                    overrides = [*scenario, *variant_overrides, f"run_root={study_dir}",
                                  f"name={variant}-t{num_phases}-order{order}", f"tracking.group={name}"]  # fmt: skip
                     run_cfg = from_dict(base, overrides)
                     results = _finished(run_cfg) or launch(run_cfg)
@@ -102,7 +124,7 @@ def run_study(
     finally:
         if started:
             ray.shutdown()
-    study = {"name": name, "variants": list(variants), "orders": list(orders), "phases": phases,
+    study = {"name": name, "variants": list(expanded), "sweep": list(sweep), "orders": list(orders), "phases": phases,
              "confidence": 0.95, "runs": runs, "summary": summarize(runs)}  # fmt: skip
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "study.json").write_text(json.dumps(study, indent=2) + "\n")
