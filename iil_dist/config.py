@@ -131,7 +131,9 @@ class MethodConfig:
         "learning method of phases >= 1: dbd (the method), finetune, lwf, mean_teacher, or joint "
         "(trains on D(0) + ... + D(t): the upper bound that breaks the IIL rule on purpose)",
     )
-    fused_label: bool = _f(True, "dbd: train on fused labels (teacher prediction fused with the one-hot label)")
+    fused_label: bool = _f(
+        True, "dbd: train on fused labels (teacher prediction fused with the one-hot label); off: no label term"
+    )
     dusting: bool = _f(True, "dbd: distil the teacher on Gaussian-dusted inputs")
     consolidation: bool = _f(True, "dbd: fold the student into the deployed teacher by KC-EMA")
     beta_inner: float = _f(1.0, "fused-label weight of the one-hot label for inner samples", ge=0)

@@ -33,14 +33,16 @@ def dbd_losses(
 ) -> dict[str, torch.Tensor]:
     """Decision-boundary-aware distillation (METHOD.md §5): L = L_FL + lambda * L_DIS.
 
-    With `fused_label` off the label term is plain cross-entropy; with `dusting` off there is
-    no distillation term. `student` may be a DeepSpeed engine; its `.module` holds the layers.
+    The ablations switch terms off: with `fused_label` off there is no label term at all (the "DIS only"
+    ablation learns nothing from the labels), with `dusting` off no distillation term. `student` may be a
+    DeepSpeed engine; its `.module` holds the layers.
     """
     losses: dict[str, torch.Tensor] = {}
-    logits = student(inputs)
+    total = torch.zeros((), device=inputs.device)
 
     # label term: fused labels keep the teacher's view of the other classes
     if cfg.fused_label:
+        logits = student(inputs)
         with torch.no_grad():
             target_logits = target(inputs)
         soft = fused_labels(
@@ -48,13 +50,14 @@ def dbd_losses(
         )
         losses["fl"] = soft_cross_entropy(logits, soft)
         losses["outer_frac"] = (target_logits.argmax(1) != labels).float().mean().detach()
-        label_loss = losses["fl"]
+        total = losses["fl"]
     else:
-        label_loss = losses["ce"] = F.cross_entropy(logits.float(), labels)
+        # no label term, but BatchNorm's running statistics still follow the clean new data
+        with torch.no_grad():
+            student(inputs)
 
     # dusted-input distillation: the student copies the teacher where noise pushes samples
     # across the old boundary; its BatchNorm uses (and keeps) the clean running statistics
-    total = label_loss
     if cfg.dusting:
         dusted = dust(inputs, cfg.sigma, generator)
         with torch.no_grad():
