@@ -344,6 +344,25 @@ def test_read_manifest_names_missing_field(scenario_dir: Path, tmp_path: Path) -
         read_manifest(tmp_path / "missing")
 
 
+def test_manifest_from_before_the_corruption_and_subpopulation_fields(scenario_dir: Path, tmp_path: Path) -> None:
+    """Guards against rotation scenarios prepared before the newer drift fields existed becoming unreadable or
+    being rewritten: their shards do not depend on those fields."""
+    from iil_dist.config import from_dict
+    from iil_dist.data.shards import prepare_scenario
+
+    copy = tmp_path / "old"
+    shutil.copytree(scenario_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for name in ("blur_min", "blur_max", "contrast_min", "contrast_max", "subgroups", "hidden_subgroups"):
+        del manifest[name]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(copy)["blur_max"] == 0.12 and read_manifest(copy)["hidden_subgroups"] == 1
+    data = from_dict({"data": {k: v for k, v in WRITE_ARGS.items() if k != "source"} | {"root": str(copy)}}).data
+    before = (copy / "manifest.json").stat().st_mtime_ns
+    assert prepare_scenario(data, progress=False) == copy
+    assert (copy / "manifest.json").stat().st_mtime_ns == before  # reused, not rewritten
+
+
 def test_verify_shards_detects_change(scenario_dir: Path, tmp_path: Path) -> None:
     """Guards against a changed shard going unnoticed by the checksum check."""
     copy = tmp_path / "copy"

@@ -76,9 +76,13 @@ SCENARIO_ARGS = (
 # the arguments that make the `Drift`
 _DRIFT_ARGS = ("rotation_min_deg", "rotation_max_deg", "blur_min", "blur_max", "contrast_min", "contrast_max",
                "subgroups", "hidden_subgroups")  # fmt: skip
+# drift fields added after format 2 was first written: a manifest without them was written with these
+# values in effect (rotation and none scenarios do not depend on them), so they are read as these
+_LATER_ARGS = {"blur_min": 0.06, "blur_max": 0.12, "contrast_min": 0.3, "contrast_max": 0.6, "subgroups": 3,
+               "hidden_subgroups": 1}  # fmt: skip
 _TOP_FIELDS = (
     "format_version",
-    *SCENARIO_ARGS,
+    *(name for name in SCENARIO_ARGS if name not in _LATER_ARGS),
     "num_classes",
     "channels",
     "normalization",
@@ -521,6 +525,8 @@ def read_manifest(scenario_dir: Path) -> dict:
             f"{path}: format_version {manifest['format_version']!r} is not {FORMAT_VERSION}; re-run prepare"
         )
     require(manifest, _TOP_FIELDS, "")
+    for name, value in _LATER_ARGS.items():
+        manifest.setdefault(name, value)
     for split, entry in manifest["splits"].items():
         require(entry, _SPLIT_FIELDS, f"splits.{split}.")
         for k, shard in enumerate(entry["shards"]):
