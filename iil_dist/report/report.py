@@ -53,7 +53,8 @@ def load_runs(paths: list[Path]) -> tuple[str, list[dict[str, Any]]]:
             raise ValueError(f"{path}: neither a study directory (study.json) nor a run directory (results.json)")
     if not runs:
         raise ValueError("no runs to report")
-    return "+".join(dict.fromkeys(names)), runs
+    unique = list(dict.fromkeys(names))
+    return ("+".join(unique) if len(unique) <= 2 else f"{unique[0]} and {len(unique) - 1} more runs"), runs
 
 
 def write_report(paths: list[Path], out: Path, wandb_mode: str = "offline", project: str = "iil-dist") -> Path:
@@ -82,7 +83,7 @@ def _plot_phases(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True, layout="constrained")
     for (label, series), color in zip(_series(rows).items(), plt.cm.tab10.colors * 3, strict=False):
         phases = [r["phase"] for r in series]
         for i, metric in enumerate(("pp", "f")):
@@ -104,7 +105,8 @@ def _plot_phases(rows: list[dict[str, Any]], path: Path, name: str) -> None:
             ax.grid(alpha=0.3)
             if i == 1:
                 ax.set_xlabel("phase")
-    axes[0][0].legend(fontsize=8, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=9)
     fig.suptitle(f"{name}: mean and 95% CI over orders")
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -117,7 +119,9 @@ def _plot_final(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     import matplotlib.pyplot as plt
 
     final = [r for r in rows if r["phase"] == r["num_phases"]]
-    labels = [f"{r['variant']}\n(T={r['num_phases']})" for r in final]
+    counts = {r["num_phases"] for r in final}
+    # the number of phases goes into the labels only when the bars differ in it
+    labels = [r["variant"] if len(counts) == 1 else f"{r['variant']}\n(T={r['num_phases']})" for r in final]
     crowded = len(final) > 6  # a sweep: widen the figure and slant the labels so they stay readable
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(final)), 4.5 if crowded else 4), constrained_layout=True)
     for ax, metric, title in zip(axes, ("pp", "f"), ("PP_T (higher is better)", "F_T (lower is better)"), strict=True):
@@ -131,7 +135,8 @@ def _plot_final(rows: list[dict[str, Any]], path: Path, name: str) -> None:
         ax.set_title(f"deployed model: {title}")
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{name}: after the last phase, mean and 95% CI over orders")
+    last = f"phase {counts.pop()}" if len(counts) == 1 else "the last phase"
+    fig.suptitle(f"{name}: after {last}, mean and 95% CI over orders")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
