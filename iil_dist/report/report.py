@@ -4,7 +4,8 @@ A study directory (holding study.json) brings its runs; a run directory (holding
 order of the variant its config describes. Runs of the same variant and number of phases are aggregated
 over orders (mean ± 95% t-interval, see report/study.py). Written to the output directory:
 
-    report.md        final PP_T / F_T per variant, then PP_t and F_t of the teacher per phase
+    report.md        final PP_T / F_T per variant, METHOD.md §8's claims checked (report/claims.py), then
+                     PP_t and F_t of teacher and student per phase
     pp_f.png         PP_t and F_t per phase, teacher and student, one line and CI band per variant
     final.png        PP_T and F_T of the teacher per variant as bars with CI whiskers (the ablation chart)
 
@@ -18,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from iil_dist.report.claims import claims_markdown
 from iil_dist.report.study import MODELS, summarize
 
 # the variant a run's config describes: baselines by name, DBD by its switches (METHOD.md §5)
@@ -157,7 +159,7 @@ def _markdown(name: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]])
     for r in (r for r in rows if r["phase"] == r["num_phases"]):
         cells = " | ".join(_cell(r[f"{m}/{k}"]) for m in MODELS for k in ("pp", "f"))
         lines.append(f"| {r['variant']} | {r['num_phases']} | {r['n']} | {cells} |")
-    lines += ["", "![final](final.png)", "", "## Per phase", "", "![per phase](pp_f.png)", ""]
+    lines += ["", "![final](final.png)", "", *claims_markdown(runs), "## Per phase", "", "![per phase](pp_f.png)", ""]
     for label, series in _series(rows).items():
         lines += [f"### {label}", "", "| phase | teacher PP | teacher F | student PP | student F |",
                   "|---|---|---|---|---|"]  # fmt: skip
