@@ -167,6 +167,11 @@ class OptimConfig:
     base_epochs: int = _f(30, "epochs of phase 0 (the base model)", ge=1)
     epochs_per_phase: int = _f(30, "epochs of each incremental phase", ge=1)
     eval_batch_size: int = _f(256, "samples per evaluation batch on each rank", ge=1)
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop",
+        "a step whose loss has a non-finite term on any rank: stop with a message naming phase, step and term, "
+        "or skip the step on every rank and count it (results.json: skipped_steps)",
+    )
 
 
 @dataclass

@@ -55,6 +55,7 @@ class RunState:
     global_step: int = 0
     num_consolidations: int = 0
     phase_consolidations: int = 0  # consolidations so far in `phase`
+    phase_skipped_steps: int = 0  # steps of `phase` skipped for a non-finite loss (optim.on_nonfinite=skip)
     phases: list[dict[str, Any]] = field(default_factory=list)  # records of the finished phases
     world_size: int = 1
     zero_stage: int = 0

@@ -35,7 +35,7 @@ from iil_dist.data.shards import read_manifest, verify_shards
 from iil_dist.engine import checkpoint
 from iil_dist.engine.checkpoint import RunState, checkpoint_name
 from iil_dist.engine.deepspeed_config import deepspeed_config
-from iil_dist.engine.dist import average_buffers_, barrier, check_same_on_all_ranks, rank, world_size
+from iil_dist.engine.dist import all_reduce_sum, average_buffers_, barrier, check_same_on_all_ranks, rank, world_size
 from iil_dist.engine.evaluate import accuracies
 from iil_dist.engine.io import atomic_write_json
 from iil_dist.engine.progress import StepMeter, format_table, grad_norm
@@ -78,6 +78,15 @@ def uses_phase_start_model(cfg: Config) -> bool:
     """Whether a frozen copy of the phase-start model gives targets (LwF, or DBD with targets_from set so)."""
     m = cfg.method
     return m.name == "lwf" or (m.name == "dbd" and m.targets_from == "phase_start")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or the gradient norm is not finite; the message names the phase, the step and the term."""
+
+
+def near_chance(accuracy: float, num_classes: int) -> bool:
+    """Whether a test accuracy (%) is at chance level or below 1.5 times it: the model has collapsed."""
+    return accuracy < 1.5 * 100.0 / num_classes
 
 
 def _no_report(metrics: dict[str, Any], checkpoint: Path | None = None, name: str | None = None) -> None:
@@ -286,9 +295,10 @@ class PhaseRunner:
         if not teacher_is_deployed(cfg, phase):
             self.teacher.assign_(engine)
         record = self._evaluate(phase, engine.module, test, base)
-        record.update(num_consolidations=state.phase_consolidations, global_step=state.global_step, epochs=epochs)
+        record.update(num_consolidations=state.phase_consolidations, global_step=state.global_step, epochs=epochs,
+                      skipped_steps=state.phase_skipped_steps)  # fmt: skip
         state.phases.append(record)
-        state.phase, state.epochs_done, state.phase_consolidations = phase + 1, 0, 0
+        state.phase, state.epochs_done, state.phase_consolidations, state.phase_skipped_steps = phase + 1, 0, 0, 0
         self._log_phase(record)
         deployed = self.teacher.full_state_dict()  # a collective under stage 3
         if rank() == 0:
@@ -327,12 +337,25 @@ class PhaseRunner:
                 else:  # base phase, finetune, joint, and the mean teacher's student
                     losses = base_losses(engine, inputs, labels)
 
+            # a non-finite loss term on any rank stops the run, or skips the step on every rank alike
+            if self._skip_nonfinite(losses, phase, epoch):
+                state.global_step += 1
+                wait_start = time.perf_counter()
+                continue
+
             # backward and optimizer step (DeepSpeed all-reduces and clips the gradients)
             engine.backward(losses["loss"])
             stage0_norm = grad_norm(engine.module) if cfg.dist.zero_stage == 0 else None
             engine.step()
             state.global_step += 1
             norm = stage0_norm if stage0_norm is not None else engine.get_global_grad_norm()
+            if norm is not None and not math.isfinite(float(norm)):
+                # the norm is global, so every rank stops here; the step is taken, the weights are spoilt
+                raise NonFiniteError(
+                    f"phase {phase} epoch {epoch} step {state.global_step}: the gradient norm is {float(norm)} "
+                    "although every loss term was finite; the student's weights are no longer usable. Resume from "
+                    "the last checkpoint with a smaller optim.lr or optim.grad_clip"
+                )
             if norm is not None:
                 losses["grad_norm"] = torch.as_tensor(norm, dtype=torch.float32, device=self.device)
             self._meter.add(losses, len(labels), wait_s)
@@ -349,6 +372,28 @@ class PhaseRunner:
                 self._log_window(phase, epoch, epochs, self._meter, engine)
                 self._meter = StepMeter()
             wait_start = time.perf_counter()
+
+    def _skip_nonfinite(self, losses: dict[str, torch.Tensor], phase: int, epoch: int) -> bool:
+        """Whether to skip this step: some rank has a non-finite loss term and optim.on_nonfinite is skip.
+
+        One small all-reduce per step: every rank learns which terms are non-finite anywhere, so all of them
+        stop, or skip, together (a rank skipping alone would leave the others waiting in a collective).
+        """
+        names = list(losses)
+        flags = torch.stack([~torch.isfinite(losses[k].detach()).all() for k in names]).float()
+        ranks = all_reduce_sum(flags).tolist()
+        bad = [f"{name} (on {int(n)} rank{'s' if n > 1 else ''})" for name, n in zip(names, ranks, strict=True) if n]
+        if not bad:
+            return False
+        where = f"phase {phase} epoch {epoch} step {self.state.global_step + 1}"
+        if self.cfg.optim.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"{where}: non-finite loss term {', '.join(bad)}; the step was not taken and the weights are intact. "
+                "Set optim.on_nonfinite=skip to skip such steps instead"
+            )
+        self.state.phase_skipped_steps += 1
+        log.warning("%s: non-finite loss term %s; step skipped on every rank", where, ", ".join(bad))
+        return True
 
     def _build_student(self, phase: int, total_steps: int, start_step: int, resume: _Resume | None) -> Any:
         """The phase's student as a DeepSpeed engine with SGD and a cosine schedule over `total_steps`,
@@ -471,6 +516,13 @@ class PhaseRunner:
                 full_state_dict(student), f"student after phase {phase}", self.device
             ),
         }
+        # the teacher entry is the deployed model (the student is assigned to it where the student is deployed)
+        record["collapsed"] = near_chance(test_acc["teacher"], self.num_classes)
+        if record["collapsed"]:
+            log.warning(
+                "phase %d: the deployed model's test accuracy %.2f%% is at chance level (%d classes): it has collapsed",
+                phase, test_acc["teacher"], self.num_classes,
+            )  # fmt: skip
         first = self.state.phases[0] if self.state.phases else None
         for name in models:
             # PP and F are measured against the base model M_0, the same for teacher and student
