@@ -51,3 +51,16 @@ def test_resume_needs_a_run_directory(tmp_path):
     cfg = from_dict({}, [f"run_root={tmp_path}", "name=nothing"])
     with pytest.raises(ConfigError, match="config.json"):
         _prepare_run_dir(cfg.run_dir, cfg, resume=True)
+
+
+def test_more_workers_than_samples_is_refused_before_ray_starts(tmp_path, tiny_scenario):
+    """Guards against a world larger than a split reaching the workers, where it fails late and per rank."""
+    import ray
+
+    from iil_dist.orchestration.ray_train import launch
+
+    cfg = from_dict({}, [f"run_root={tmp_path}", f"data.root={tiny_scenario}", "data.num_phases=2",
+                         "dist.num_workers=400"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"dist.num_workers=400: split phase-01 of .* has only 337 samples"):
+        launch(cfg)
+    assert not ray.is_initialized() and not cfg.run_dir.exists()

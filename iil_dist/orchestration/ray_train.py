@@ -112,6 +112,17 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> bool:
     return False
 
 
+def check_world_fits(cfg: Config, manifest: dict[str, Any]) -> None:
+    """Every rank needs at least one sample of every split it reads; say so before any worker starts."""
+    workers = cfg.dist.num_workers
+    for split, entry in manifest["splits"].items():
+        if entry["num_samples"] < workers:
+            raise ConfigError(
+                f"dist.num_workers={workers}: split {split} of {cfg.data.scenario_dir} has only "
+                f"{entry['num_samples']} samples, and every rank needs at least one"
+            )
+
+
 def resolve_paths(cfg: Config) -> Config:
     """The config with absolute run and scenario paths: workers may run in another directory."""
     cfg = from_dict(to_dict(cfg) | {"run_root": str(Path(cfg.run_root).resolve())})
@@ -157,9 +168,10 @@ def launch(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     cfg = resolve_paths(cfg)
     try:  # a missing or broken scenario stops here, before Ray starts
-        read_manifest(cfg.data.scenario_dir)
+        manifest = read_manifest(cfg.data.scenario_dir)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_world_fits(cfg, manifest)
     run_dir = cfg.run_dir
     _prepare_run_dir(run_dir, cfg, resume)
     revision = code_revision()
