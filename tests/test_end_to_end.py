@@ -38,16 +38,23 @@ def _train(tmp_path: Path, scenario: Path, name: str, extra: list[str]) -> tuple
 ZERO1 = ["dist.zero_stage=1", "dist.num_workers=2"]
 
 
+# a wandb API key in the environment of the run, which must never be written anywhere in the run directory
+SECRET_KEY = os.urandom(20).hex()
+
+
 @pytest.fixture(scope="module")
 def zero1_run(tmp_path_factory: pytest.TempPathFactory, tiny_scenario: Path) -> tuple[dict, Path]:
     """One uninterrupted run, shared by the spine test and the recovery tests (a Ray fit costs ~25 s)."""
-    return _train(tmp_path_factory.mktemp("zero1"), tiny_scenario, "dbd", ZERO1)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_API_KEY", SECRET_KEY)
+        return _train(tmp_path_factory.mktemp("zero1"), tiny_scenario, "dbd", ZERO1)
 
 
 def _check_results(results: dict, num_phases: int) -> None:
     assert isinstance(results["method"], str) and results["num_phases"] == num_phases
     assert [p["phase"] for p in results["phases"]] == list(range(num_phases + 1))
     for p in results["phases"]:
+        assert p["skipped_steps"] == 0 and p["collapsed"] is False
         for model in ("teacher", "student"):
             m = p[model]
             assert set(m) >= {"test_acc", "base_acc", "pp", "f"}
@@ -108,6 +115,10 @@ def test_dbd_two_workers_zero1(zero1_run):
     # the deployed teacher is saved and loads into a plain model
     saved = torch.load(run_dir / "teacher.pt", weights_only=True)
     assert saved["phase"] == 2 and "head.weight" in saved["model"]
+
+    # the wandb key of the environment is in no file of the run: logs, config, results, checkpoints, wandb
+    files = [f for f in run_dir.rglob("*") if f.is_file()]
+    assert len(files) > 20 and not [f for f in files if SECRET_KEY.encode() in f.read_bytes()]
 
 
 @pytest.mark.slow
