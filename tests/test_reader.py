@@ -253,3 +253,31 @@ def test_streaming_train_quota_and_errors(scenario_dir: Path, tmp_path: Path):
     broken = StreamingSplit(f"{copy}/{{file}}", "base", manifest)
     with pytest.raises(ValueError, match=r"base-000000\.tar holds 99 samples, the manifest says 100"):
         list(broken.iter_all())
+
+
+def test_member_names_that_leave_the_shard_are_refused(scenario_dir: Path, tmp_path: Path) -> None:
+    """Guards against a crafted shard whose member names climb out of its directory (`../x.png`) or are
+    absolute being read as samples, and against the writer producing such names."""
+    import io
+
+    from iil_dist.data.reader import iter_tar_samples
+    from iil_dist.data.shards import _write_tar
+
+    copy = tmp_path / "scenario"
+    shutil.copytree(scenario_dir, copy)
+    shard = copy / "base" / "base-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    for prefix in ("../", "/abs/"):
+        with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for member, data in members:
+                member.name = prefix + member.name.lstrip("./").split("/")[-1]
+                tar.addfile(member, io.BytesIO(data))
+        with pytest.raises(SampleDecodeError, match=r"base-000000\.tar: sample 0 has the key .*not a plain sample"):
+            SplitDataset(copy, "base")[0]
+        with pytest.raises(ValueError, match=rf"member name '{prefix}base-000000\.cls' is not a plain sample file"):
+            list(iter_tar_samples(str(shard)))
+    for key in ("../escape", "a/b", ""):
+        with pytest.raises(ValueError, match="refusing to write a sample key"):
+            _write_tar(tmp_path / "out.tar", iter([(key, {"cls": b"1"})]))
+    assert not (tmp_path / "out.tar").exists() and not (tmp_path / ".out.tar.tmp").exists()

@@ -126,6 +126,10 @@ class SplitDataset:
         inner = i - (int(self._shard_ends[shard_id - 1]) if shard_id else 0)
         sample = self._shard(shard_id)[inner]
         key = sample.get("__key__")
+        if not key or "/" in key or ".." in key:
+            raise SampleDecodeError(
+                f"shard {self._shard_paths[shard_id]}: sample {inner} has the key {key!r}, not a plain sample name"
+            )
         members = {ext.lstrip("."): value.read() for ext, value in sample.items() if ext.startswith(".")}
         return self._decoder(members, key, self._shard_paths[shard_id])
 

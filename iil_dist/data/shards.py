@@ -196,16 +196,24 @@ def write_shard(task: ShardTask) -> ShardResult:
 
 def _write_tar(path: Path, samples: Iterator[tuple[str, dict[str, bytes]]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as stream:
-        with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, members in samples:
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
-                    info.uname = info.gname = _TAR_OWNER
-                    tar.addfile(info, io.BytesIO(data))
-        stream.flush()
-        os.fsync(stream.fileno())
+    try:
+        with open(tmp, "wb") as stream:
+            with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for key, members in samples:
+                    if "/" in key or ".." in key or not key:
+                        raise ValueError(
+                            f"shard {path}: refusing to write a sample key {key!r} that is not a plain name"
+                        )
+                    for ext, data in members.items():
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
+                        info.uname = info.gname = _TAR_OWNER
+                        tar.addfile(info, io.BytesIO(data))
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed shard leaves nothing behind
+        raise
     os.replace(tmp, path)
 
 
