@@ -42,6 +42,8 @@ def _worker(rank: int, world: int, port: int, scenario: str, runs: str) -> None:
         cfg = load(REPO_CONFIG, [*SHORT, f"data.root={scenario}", f"method.name={method}", "method.mt_alpha=0.9"])
         runner = PhaseRunner(cfg, run_dir)
         results = runner.run()
+        # the step count the progress line's ETA is based on is the count the run took (joint's phases grow)
+        assert runner.total_steps == runner.state.global_step, (method, runner.total_steps, runner.state.global_step)
         if rank == 0:
             (run_dir / "results.json").write_text(json.dumps(results))
         runner.teacher.destroy()

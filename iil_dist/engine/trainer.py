@@ -180,10 +180,13 @@ class PhaseRunner:
         return self.cfg.optim.base_epochs if phase == 0 else self.cfg.optim.epochs_per_phase
 
     def _count_steps(self) -> int:
-        total = 0
+        """Steps of the whole run (for the progress line's ETA); joint training's phases grow."""
+        total, seen = 0, 0
         for phase in range(self.cfg.data.num_phases + 1):
             n = int(self.manifest["splits"][split_name(phase)]["num_samples"])
-            total += self._epochs(phase) * num_train_batches(n, world_size(), self.cfg.optim.batch_size)
+            seen += n
+            size = seen if self.cfg.method.name == "joint" else n
+            total += self._epochs(phase) * num_train_batches(size, world_size(), self.cfg.optim.batch_size)
         return total
 
     def run(self, restore: Path | None = None) -> dict[str, Any]:
