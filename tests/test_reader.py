@@ -281,3 +281,33 @@ def test_member_names_that_leave_the_shard_are_refused(scenario_dir: Path, tmp_p
         with pytest.raises(ValueError, match="refusing to write a sample key"):
             _write_tar(tmp_path / "out.tar", iter([(key, {"cls": b"1"})]))
     assert not (tmp_path / "out.tar").exists() and not (tmp_path / ".out.tar.tmp").exists()
+
+
+def test_label_outside_the_classes_and_short_shard_are_named(scenario_dir: Path, tmp_path: Path) -> None:
+    """Guards against a label beyond the class count reaching the loss (an index error deep in a kernel, or
+    a silently wrong target) and against an indexed shard with fewer samples than the manifest lists."""
+    import io
+
+    copy = tmp_path / "scenario"
+    shutil.copytree(scenario_dir, copy)
+    shard = copy / "base" / "base-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            if member.name == "base-000003.cls":
+                data = b"12"  # digits has classes 0..9
+                member = tarfile.TarInfo(member.name)
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    manifest = read_manifest(copy)
+    with pytest.raises(SampleDecodeError, match=r"'base-000003' in shard .*base-000000\.tar.*label 12 outside 0\.\.9"):
+        SplitDataset(copy, "base", manifest)[3]
+    with pytest.raises(SampleDecodeError, match=r"'base-000003'.*label 12 outside 0\.\.9"):
+        list(StreamingSplit(f"{copy}/{{file}}", "base", manifest).iter_all())
+
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members[:-2]:  # the last sample is gone
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"base-000000\.tar holds 99 samples, the manifest says 100"):
+        SplitDataset(copy, "base", manifest)[0]
