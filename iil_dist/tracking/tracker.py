@@ -59,17 +59,32 @@ class Tracker:
         if self.mode != "disabled":
             import wandb
 
-            self._run = wandb.init(
-                project=cfg.tracking.project,
-                group=cfg.tracking.group or cfg.name,
-                name=cfg.name,
-                dir=str(run_dir),
-                mode=self.mode,
-                config={**to_dict(cfg), "code_revision": revision},
-                job_type="train",
-                id=wandb_id,
-                resume="allow" if wandb_id else None,
-            )
+            def start(mode: str) -> Any:
+                return wandb.init(
+                    project=cfg.tracking.project,
+                    group=cfg.tracking.group or cfg.name,
+                    name=cfg.name,
+                    dir=str(run_dir),
+                    mode=mode,
+                    config={**to_dict(cfg), "code_revision": revision},
+                    job_type="train",
+                    id=wandb_id,
+                    resume="allow" if wandb_id else None,
+                    settings=wandb.Settings(init_timeout=cfg.tracking.init_timeout_s),
+                )
+
+            try:
+                self._run = start(self.mode)
+            except Exception as err:  # wandb's errors for a server it cannot reach or that refuses the run
+                if self.mode != "online":
+                    raise
+                # training goes on: the run is kept offline, to be uploaded later
+                log.warning(
+                    "wandb: no online run (%s: %s); logging offline to %s instead, upload it later with `wandb sync`",
+                    type(err).__name__, str(err).splitlines()[0][:200], run_dir / "wandb",
+                )  # fmt: skip
+                self.mode = "offline"
+                self._run = start(self.mode)
             self.run_id = self._run.id
             log.info("wandb run %s (%s) in %s", self._run.id, self.mode, run_dir / "wandb")
 
