@@ -50,7 +50,8 @@ def load_runs(paths: list[Path]) -> tuple[str, list[dict[str, Any]]]:
             runs.append({"variant": variant_of(data["config"]), "num_phases": data["num_phases"],
                          "order": data["config"]["data"]["order_seed"], "run_dir": str(path),
                          "phases": data["phases"]})  # fmt: skip
-            names.append(data["config"]["name"])
+            # runs of a study carry its name as their wandb group
+            names.append(data["config"].get("tracking", {}).get("group") or data["config"]["name"])
         else:
             raise ValueError(f"{path}: neither a study directory (study.json) nor a run directory (results.json)")
     if not runs:
