@@ -192,6 +192,25 @@ def test_incomplete_checkpoint_is_refused(tmp_path, tiny_scenario):
         with pytest.raises(CheckpointError, match=needle.replace(".", r"\.")):
             checkpoint.read_state(bad)
 
+    # a field of the run state dropped from state.json is named; one added after the checkpoint was written
+    # (here the skipped-step count) takes its default, so older checkpoints still resume
+    for field, readable in (("global_step", False), ("phase_skipped_steps", True)):
+        older = tmp_path / f"without-{field}"
+        shutil.copytree(good, older)
+        raw = json.loads((older / "state.json").read_text())
+        del raw[field]
+        (older / "state.json").write_text(json.dumps(raw))
+        for part in older.glob("part-rank*.json"):  # the parts record each file's size: keep them consistent
+            listed = json.loads(part.read_text())
+            if "state.json" in listed["files"]:
+                listed["files"]["state.json"] = (older / "state.json").stat().st_size
+                part.write_text(json.dumps(listed))
+        if readable:
+            assert checkpoint.read_state(older).phase_skipped_steps == 0
+        else:
+            with pytest.raises(CheckpointError, match=f"missing field '{field}'"):
+                checkpoint.read_state(older)
+
 
 def test_local_checkpoints_keep_the_newest(tmp_path):
     """Guards against pruning the wrong checkpoints or leaving a half-merged one under a real name."""

@@ -66,6 +66,9 @@ class RunState:
         return {"phase": self.phase, "epoch": self.epochs_done + 1, "step_in_epoch": 0}
 
 
+_LATER_FIELDS = {"phase_skipped_steps"}
+
+
 def checkpoint_name(phase: int, epoch: int) -> str:
     """Name of the checkpoint taken after `epoch` of `phase`; zero-padded so that names sort in run order."""
     return f"phase{phase:02d}-epoch{epoch:04d}"
@@ -122,10 +125,11 @@ def read_state(directory: Path) -> RunState:
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {raw.get('format_version')!r} is not {FORMAT_VERSION}")
     fields = set(RunState.__dataclass_fields__)
-    missing = sorted(fields - set(raw))
+    # fields added to RunState later: a checkpoint written before one existed is read with its default
+    missing = sorted(fields - set(raw) - _LATER_FIELDS)
     if missing:
         raise CheckpointError(f"{path}: missing field {missing[0]!r}")
-    state = RunState(**{k: raw[k] for k in fields})
+    state = RunState(**{k: raw[k] for k in fields if k in raw})
     for r in range(state.world_size):
         part = directory / f"part-rank{r}.json"
         if not part.is_file():
