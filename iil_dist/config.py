@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from iil_dist.data.scenario import Drift
+from iil_dist.data.scenario import DRIFT_FIELDS, Drift
 
 
 class ConfigError(ValueError):
@@ -101,11 +101,7 @@ class DataConfig:
 
     def shift(self) -> Drift:
         """The drift these fields describe (it checks their ranges)."""
-        return Drift(
-            self.drift, rotation_min_deg=self.rotation_min_deg, rotation_max_deg=self.rotation_max_deg,
-            blur_min=self.blur_min, blur_max=self.blur_max, contrast_min=self.contrast_min,
-            contrast_max=self.contrast_max, subgroups=self.subgroups, hidden_subgroups=self.hidden_subgroups,
-        )  # fmt: skip
+        return Drift(self.drift, **{name: getattr(self, name) for name in DRIFT_FIELDS})
 
     @property
     def scenario_dir(self) -> Path:

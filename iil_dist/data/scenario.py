@@ -5,6 +5,7 @@ and "test". The base and test sets and the content of the incremental sets depen
 `split_seed`; `order_seed` only permutes which incremental set becomes phase-01, phase-02, ...
 """
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -248,6 +249,9 @@ class Drift:
     def transforms_images(self) -> bool:
         return self.kind in ("rotation", "corruption")
 
+
+# the parameters of a drift, besides its kind: the data.* config fields of the same names
+DRIFT_FIELDS = tuple(f.name for f in dataclasses.fields(Drift) if f.name != "kind")
 
 # one row of per-image drift parameters: rotation angle (degrees), blur sigma (fraction of the side),
 # contrast factor; this row leaves an image unchanged

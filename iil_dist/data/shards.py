@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from iil_dist.data.scenario import (
+    DRIFT_FIELDS,
     IDENTITY,
     Drift,
     build_scenario,
@@ -73,13 +74,9 @@ SCENARIO_ARGS = (
     "rotation_min_deg", "rotation_max_deg", "blur_min", "blur_max", "contrast_min", "contrast_max", "subgroups",
     "hidden_subgroups", "image_size", "max_side", "encode", "jpeg_quality", "samples_per_shard", "shard_size_mb",
 )  # fmt: skip
-# the arguments that make the `Drift`
-_DRIFT_ARGS = ("rotation_min_deg", "rotation_max_deg", "blur_min", "blur_max", "contrast_min", "contrast_max",
-               "subgroups", "hidden_subgroups")  # fmt: skip
-# drift fields added after format 2 was first written: a manifest without them was written with these
-# values in effect (rotation and none scenarios do not depend on them), so they are read as these
-_LATER_ARGS = {"blur_min": 0.06, "blur_max": 0.12, "contrast_min": 0.3, "contrast_max": 0.6, "subgroups": 3,
-               "hidden_subgroups": 1}  # fmt: skip
+# drift fields added after format 2 was first written: a manifest without them was written with their
+# defaults in effect (rotation and none scenarios do not depend on them), so they are read as those
+_LATER_ARGS = {name: getattr(Drift(), name) for name in DRIFT_FIELDS if not name.startswith("rotation_")}
 _TOP_FIELDS = (
     "format_version",
     *(name for name in SCENARIO_ARGS if name not in _LATER_ARGS),
@@ -265,7 +262,7 @@ def write_scenario(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    shift = Drift(drift, **{name: args[name] for name in _DRIFT_ARGS})
+    shift = Drift(drift, **{name: args[name] for name in DRIFT_FIELDS})
     src = load_source(source, source_path, class_list, cache_dir=out_dir / ".source")
     hidden = _hidden_subgroups(src, shift, split_seed) if shift.kind == "subpopulation" else None
     scenario = build_scenario(
