@@ -98,6 +98,11 @@ class DataConfig:
     )
     verify_checksums: bool = _f(True, "check every shard's sha256 against the manifest before training")
     in_memory: bool = _f(True, "decode each split once and keep it in memory (small datasets such as digits)")
+    on_error: Literal["raise", "skip"] = _f(
+        "raise",
+        "a sample that cannot be decoded (bad image bytes, label outside the classes): raise an error naming the "
+        "shard and key, or skip it, log it and count it in results.json (bad_samples); broken shards always raise",
+    )
 
     def shift(self) -> Drift:
         """The drift these fields describe (it checks their ranges)."""

@@ -32,6 +32,7 @@ import multiprocessing
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,23 @@ Transform = Callable[..., torch.Tensor]
 
 class SampleDecodeError(ValueError):
     """A sample whose image or label cannot be decoded; the message names the shard and the key."""
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample skipped under `data.on_error=skip`: where it is and why it could not be decoded. Readers
+    return it in place of the sample; batches drop it and hand it on, so every skip is counted."""
+
+    split: str
+    key: str
+    shard: str
+    reason: str
+
+
+def _on_error(value: str) -> str:
+    if value not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {value!r}")
+    return value
 
 
 class SampleDecoder:
@@ -88,9 +106,14 @@ class SampleDecoder:
 class SplitDataset:
     """Indexed access to one split of a prepared scenario, normalised with the manifest's statistics."""
 
-    def __init__(self, scenario_dir: Path, split: str, manifest: dict | None = None, max_open_shards: int = 64):
-        """Open `split` of the scenario in `scenario_dir`; the manifest is read from there unless given."""
+    def __init__(
+        self, scenario_dir: Path, split: str, manifest: dict | None = None, max_open_shards: int = 64,
+        on_error: str = "raise",
+    ) -> None:  # fmt: skip
+        """Open `split` of the scenario in `scenario_dir`; the manifest is read from there unless given.
+        `on_error="skip"` returns a `BadSample` for a sample that cannot be decoded instead of raising."""
         self.scenario_dir = Path(scenario_dir)
+        self.on_error = _on_error(on_error)
         self.manifest = manifest if manifest is not None else read_manifest(self.scenario_dir)
         if split not in self.manifest["splits"]:
             raise ValueError(
@@ -111,27 +134,34 @@ class SplitDataset:
         self._decoder = SampleDecoder(self.manifest)
         self.num_classes = self._decoder.num_classes
         self.channels = self._decoder.channels
+        self.image_size = self._decoder.image_size  # 0: the stored sizes vary
         self._max_open_shards = max_open_shards
         self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
 
     def __len__(self) -> int:
         return self._num_samples
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        """Sample `i`: uint8 (C, H, W) and its label."""
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | BadSample:
+        """Sample `i`: uint8 (C, H, W) and its label (or, under on_error="skip", a BadSample)."""
         if not -self._num_samples <= i < self._num_samples:
             raise IndexError(f"index {i} out of range for split {self.split!r} of {self._num_samples} samples")
         i %= self._num_samples
         shard_id = int(np.searchsorted(self._shard_ends, i, side="right"))
         inner = i - (int(self._shard_ends[shard_id - 1]) if shard_id else 0)
+        # a shard that cannot be indexed, or holds another count than the manifest says, is always an
+        # error: skipping it would drop every sample in it
         sample = self._shard(shard_id)[inner]
         key = sample.get("__key__")
-        if not key or "/" in key or ".." in key:
-            raise SampleDecodeError(
-                f"shard {self._shard_paths[shard_id]}: sample {inner} has the key {key!r}, not a plain sample name"
-            )
-        members = {ext.lstrip("."): value.read() for ext, value in sample.items() if ext.startswith(".")}
-        return self._decoder(members, key, self._shard_paths[shard_id])
+        where = self._shard_paths[shard_id]
+        try:
+            if not key or "/" in key or ".." in key:
+                raise SampleDecodeError(f"shard {where}: sample {inner} has the key {key!r}, not a plain sample name")
+            members = {ext.lstrip("."): value.read() for ext, value in sample.items() if ext.startswith(".")}
+            return self._decoder(members, key, where)
+        except SampleDecodeError as exc:
+            if self.on_error == "raise":
+                raise
+            return BadSample(self.split, str(key if key else f"#{inner}"), str(where), str(exc))
 
     def _shard(self, shard_id: int) -> IndexedTarSamples:
         if shard_id in self._open:
@@ -152,7 +182,7 @@ class SplitDataset:
             oldest.close()
         return tar
 
-    def iter_all(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def iter_all(self) -> Iterator[tuple[torch.Tensor, int] | BadSample]:
         """Every sample in split order."""
         return (self[i] for i in range(len(self)))
 
@@ -239,9 +269,20 @@ def eval_indices(
 _LOADER_CONTEXT = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
-def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = zip(*items, strict=True)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+Item = tuple[torch.Tensor, int] | BadSample
+# a collated batch: images, labels, which of the requested positions they are (bad samples are dropped),
+# and the bad samples
+Collated = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[BadSample]]
+
+
+def _collate(items: list[Item]) -> Collated:
+    bad = [item for item in items if isinstance(item, BadSample)]
+    keep = torch.tensor([not isinstance(item, BadSample) for item in items], dtype=torch.bool)
+    good = [item for item in items if not isinstance(item, BadSample)]
+    if not good:  # every sample of the batch was bad: an empty batch the caller must handle
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), keep, bad
+    images, labels = zip(*good, strict=True)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keep, bad
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -259,8 +300,11 @@ class _Transformed:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[i]
+    def __getitem__(self, i: int) -> Item:
+        item = self.dataset[i]
+        if isinstance(item, BadSample):
+            return item
+        image, label = item
         if self.transform is None:
             return image, label
         if self.seed is None:  # a deterministic (evaluation) transform
@@ -269,9 +313,7 @@ class _Transformed:
         return self.transform(image, generator), label
 
 
-def _load(
-    dataset: Any, batches: list[np.ndarray], num_workers: int, pin_memory: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _load(dataset: Any, batches: list[np.ndarray], num_workers: int, pin_memory: bool) -> Iterator[Collated]:
     index_lists = [[int(i) for i in batch] for batch in batches]
     if num_workers == 0:
         for batch in index_lists:
@@ -295,24 +337,30 @@ def train_batches(
     num_workers: int = 0,
     transform: Transform | None = None,
     pin_memory: bool = False,
+    bad: list[BadSample] | None = None,
 ) -> Iterator[Batch]:
     """This rank's training batches (x uint8, y, sample indices) of `epoch`; every rank yields the same
-    count. `transform(image, generator)` augments each sample with a generator seeded per sample."""
+    count. `transform(image, generator)` augments each sample with a generator seeded per sample.
+
+    A dataset opened with on_error="skip" drops its bad samples from their batches and appends them to
+    `bad`; a batch whose every sample is bad comes out empty (zero rows), and the caller decides.
+    """
     if len(dataset) < world_size:
         name = getattr(dataset, "split", "?")
         raise ValueError(f"split {name} has {len(dataset)} samples, fewer than world_size {world_size}")
     if isinstance(dataset, StreamingSplit):
         yield from dataset.train_batches(
             epoch=epoch, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
-            num_workers=num_workers, transform=transform, pin_memory=pin_memory,
+            num_workers=num_workers, transform=transform, pin_memory=pin_memory, bad=bad,
         )  # fmt: skip
         return
     batches = train_indices(
         len(dataset), epoch=epoch, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size
     )
     view = _Transformed(dataset, transform, seed, epoch)
-    for indices, (x, y) in zip(batches, _load(view, batches, num_workers, pin_memory), strict=True):
-        yield x, y, torch.from_numpy(indices)
+    for indices, (x, y, keep, skipped) in zip(batches, _load(view, batches, num_workers, pin_memory), strict=True):
+        _collect(bad, skipped)
+        yield x, y, torch.from_numpy(indices)[keep]
 
 
 def eval_batches(
@@ -324,20 +372,52 @@ def eval_batches(
     num_workers: int = 0,
     transform: Transform | None = None,
     pin_memory: bool = False,
+    bad: list[BadSample] | None = None,
 ) -> Iterator[Batch]:
     """This rank's evaluation batches (x uint8, y, mask); over all ranks, mask True marks every sample once,
-    and every rank yields the same number of batches."""
+    and every rank yields the same number of batches. Bad samples (on_error="skip") are dropped and
+    appended to `bad` (a padding copy of one may come twice); a batch left empty is replaced by one masked
+    placeholder image, so that every rank still runs the same forwards."""
     if isinstance(dataset, StreamingSplit):
         yield from dataset.eval_batches(
             rank=rank, world_size=world_size, batch_size=batch_size, num_workers=num_workers,
-            transform=transform, pin_memory=pin_memory,
+            transform=transform, pin_memory=pin_memory, bad=bad,
         )  # fmt: skip
         return
     batches = eval_indices(len(dataset), rank=rank, world_size=world_size, batch_size=batch_size)
     index_batches = [indices for indices, _ in batches]
     view = _Transformed(dataset, transform, None, 0)
-    for (_, mask), (x, y) in zip(batches, _load(view, index_batches, num_workers, pin_memory), strict=True):
-        yield x, y, torch.from_numpy(mask)
+    shape = None
+    for (_, mask), (x, y, keep, skipped) in zip(
+        batches, _load(view, index_batches, num_workers, pin_memory), strict=True
+    ):
+        _collect(bad, skipped)
+        if len(y):
+            shape = x.shape[1:]
+            yield x, y, torch.from_numpy(mask)[keep]
+        else:
+            yield _placeholder_batch(shape or _image_shape(dataset, transform))
+
+
+def _collect(bad: list[BadSample] | None, skipped: list[BadSample]) -> None:
+    if bad is not None:
+        bad.extend(skipped)
+    for item in skipped if bad is None else ():
+        logger.warning("skipped bad sample %s of split %s in %s: %s", item.key, item.split, item.shard, item.reason)
+
+
+def _image_shape(dataset: Any, transform: Transform | None) -> tuple[int, ...]:
+    size = getattr(transform, "size", 0) or getattr(dataset, "image_size", 0)
+    if not size:
+        raise SampleDecodeError(
+            f"every sample of an evaluation batch of split {dataset.split} is bad and the image size is unknown"
+        )
+    return (dataset.channels, size, size)
+
+
+def _placeholder_batch(shape: tuple[int, ...]) -> Batch:
+    masked = torch.zeros(1, dtype=torch.bool)
+    return torch.zeros((1, *shape), dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), masked
 
 
 class InMemorySplit:
@@ -345,10 +425,17 @@ class InMemorySplit:
 
     def __init__(self, dataset: Any) -> None:
         self.split = dataset.split
-        self.images, labels = [], []
-        for image, label in dataset.iter_all():
-            self.images.append(image)
-            labels.append(label)
+        self.channels, self.image_size = dataset.channels, dataset.image_size
+        # bad samples (a dataset opened with on_error="skip") are left out once, here, and kept for the report
+        self.images, labels, self.bad = [], [], []
+        for item in dataset.iter_all():
+            if isinstance(item, BadSample):
+                self.bad.append(item)
+                continue
+            self.images.append(item[0])
+            labels.append(item[1])
+        if not labels:
+            raise SampleDecodeError(f"split {self.split}: every sample is bad ({len(self.bad)} skipped)")
         self.labels = torch.tensor(labels, dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -405,7 +492,7 @@ class _StreamSlots(IterableDataset):
     def __init__(self, split: StreamingSplit, plans: list[dict[str, Any]], transform: Transform | None) -> None:
         self.split, self.plans, self.transform = split, plans, transform
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Collated]:
         info = torch.utils.data.get_worker_info()
         plan = self.plans[info.id if info is not None else 0]
         yield from self.split.slot_batches(plan, self.transform)
@@ -417,15 +504,17 @@ class ConcatSplit:
     def __init__(self, parts: list[Any], name: str) -> None:
         self.parts, self.split = parts, name
         self._ends = np.cumsum([len(p) for p in parts])
+        self.channels, self.image_size = parts[0].channels, parts[0].image_size
+        self.bad = [b for p in parts for b in getattr(p, "bad", [])]
 
     def __len__(self) -> int:
         return int(self._ends[-1])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> Item:
         part = int(np.searchsorted(self._ends, i, side="right"))
         return self.parts[part][i - (int(self._ends[part - 1]) if part else 0)]
 
-    def iter_all(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def iter_all(self) -> Iterator[Item]:
         for part in self.parts:
             yield from (part[i] for i in range(len(part)))
 
@@ -434,7 +523,11 @@ class StreamingSplit:
     """Split(s) read by streaming whole shards from `url_template.format(file=...)` (see the module doc);
     a list of split names reads them as one."""
 
-    def __init__(self, url_template: str, split: str | list[str], manifest: dict, shuffle_buffer: int = 2000) -> None:
+    def __init__(
+        self, url_template: str, split: str | list[str], manifest: dict, shuffle_buffer: int = 2000,
+        on_error: str = "raise",
+    ) -> None:  # fmt: skip
+        self.on_error = _on_error(on_error)
         names = [split] if isinstance(split, str) else list(split)
         for name in names:
             if name not in manifest["splits"]:
@@ -448,25 +541,34 @@ class StreamingSplit:
         self._num_samples = sum(int(e["num_samples"]) for e in entries)
         self._decoder = SampleDecoder(manifest)
         self.channels = self._decoder.channels
+        self.image_size = self._decoder.image_size
         self.shuffle_buffer = shuffle_buffer
 
     def __len__(self) -> int:
         return self._num_samples
 
-    def _samples(self, shard: int) -> Iterator[tuple[torch.Tensor, int, str]]:
+    def _samples(self, shard: int) -> Iterator[tuple[torch.Tensor, int, str] | BadSample]:
         url, expected = self.shards[shard]
         count = 0
+        # a shard that breaks off or holds another count than the manifest says is always an error; a
+        # sample that cannot be decoded is one under on_error="raise", else it comes out as a BadSample
         for key, members in iter_tar_samples(url):
-            image, label = self._decoder(members, key, url)
             count += 1
+            try:
+                image, label = self._decoder(members, key, url)
+            except SampleDecodeError as exc:
+                if self.on_error == "raise":
+                    raise
+                yield BadSample(self.split, key, url, str(exc))
+                continue
             yield image, label, key
         if count != expected:
             raise ValueError(f"shard {url} holds {count} samples, the manifest says {expected} (truncated?)")
 
-    def iter_all(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def iter_all(self) -> Iterator[Item]:
         for shard in range(len(self.shards)):
-            for image, label, _ in self._samples(shard):
-                yield image, label
+            for sample in self._samples(shard):
+                yield sample if isinstance(sample, BadSample) else sample[:2]
 
     def _slots(self, world_size: int, num_workers: int) -> int:
         slots = world_size * max(1, num_workers)
@@ -478,7 +580,8 @@ class StreamingSplit:
         return slots
 
     def train_batches(self, *, epoch: int, seed: int, rank: int, world_size: int, batch_size: int,
-                      num_workers: int, transform: Transform | None, pin_memory: bool) -> Iterator[Batch]:  # fmt: skip
+                      num_workers: int, transform: Transform | None, pin_memory: bool,
+                      bad: list[BadSample] | None = None) -> Iterator[Batch]:  # fmt: skip
         slots = self._slots(world_size, num_workers)
         workers = max(1, num_workers)
         order = np.random.default_rng([seed, epoch]).permutation(len(self.shards))
@@ -489,11 +592,14 @@ class StreamingSplit:
             share = quota // workers + (w < quota % workers)
             plans.append({"shards": order[slot::slots].tolist(), "quota": share, "batch_size": batch_size,
                           "seed": [seed, epoch, slot], "epoch": epoch, "base_seed": seed, "train": True})  # fmt: skip
-        for x, y in self._run(plans, transform, num_workers, pin_memory):
+        # a bad sample is replaced by the stream's next one, so training batches never come out short
+        for x, y, _, skipped in self._run(plans, transform, num_workers, pin_memory):
+            _collect(bad, skipped)
             yield x, y, torch.full((len(y),), -1, dtype=torch.int64)  # stream positions are not tracked
 
     def eval_batches(self, *, rank: int, world_size: int, batch_size: int, num_workers: int,
-                     transform: Transform | None, pin_memory: bool) -> Iterator[Batch]:  # fmt: skip
+                     transform: Transform | None, pin_memory: bool,
+                     bad: list[BadSample] | None = None) -> Iterator[Batch]:  # fmt: skip
         workers = max(1, num_workers)
 
         def plan(r: int, w: int) -> list[int]:
@@ -504,25 +610,20 @@ class StreamingSplit:
 
         plans = [{"shards": plan(rank, w), "batch_size": batch_size, "train": False} for w in range(workers)]
         produced, shape = 0, None
-        for x, y in self._run(plans, transform, num_workers, pin_memory):
-            produced, shape = produced + 1, x.shape[1:]
-            yield x, y, torch.ones(len(y), dtype=torch.bool)
+        for x, y, _, skipped in self._run(plans, transform, num_workers, pin_memory):
+            _collect(bad, skipped)
+            produced += 1
+            if len(y):
+                shape = x.shape[1:]
+                yield x, y, torch.ones(len(y), dtype=torch.bool)
+            else:
+                yield _placeholder_batch(shape or _image_shape(self, transform))
         # pad to the largest rank's batch count, known to every rank from the manifest
         for _ in range(max(num_batches(r) for r in range(world_size)) - produced):
-            if shape is None:
-                shape = self._placeholder_shape(transform)
-            yield (
-                torch.zeros((1, *shape), dtype=torch.uint8),
-                torch.zeros(1, dtype=torch.int64),
-                torch.zeros(1, dtype=torch.bool),
-            )
-
-    def _placeholder_shape(self, transform: Transform | None) -> tuple[int, ...]:
-        size = getattr(transform, "size", 0) or self._decoder.image_size
-        return (self.channels, size, size)
+            yield _placeholder_batch(shape or _image_shape(self, transform))
 
     def _run(self, plans: list[dict[str, Any]], transform: Transform | None, num_workers: int,
-             pin_memory: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+             pin_memory: bool) -> Iterator[Collated]:  # fmt: skip
         if num_workers == 0:
             yield from self.slot_batches(plans[0], transform)
             return
@@ -532,32 +633,46 @@ class StreamingSplit:
             multiprocessing_context=_LOADER_CONTEXT,
         )  # fmt: skip
 
-    def slot_batches(
-        self, plan: dict[str, Any], transform: Transform | None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def slot_batches(self, plan: dict[str, Any], transform: Transform | None) -> Iterator[Collated]:
         """The batches of one slot: its training quota (cycling over its shards, shuffled through a buffer)
-        or, for evaluation, every sample of its shards once."""
+        or, for evaluation, every sample of its shards once. Bad samples (on_error="skip") ride along with
+        the batch after which they were met."""
         batch_size = plan["batch_size"]
         if not plan["train"]:
             items = (
-                (transform(image) if transform is not None else image, label)
+                sample if isinstance(sample, BadSample) else
+                (transform(sample[0]) if transform is not None else sample[0], sample[1])
                 for shard in plan["shards"]
-                for image, label, _ in self._samples(shard)
-            )
+                for sample in self._samples(shard)
+            )  # fmt: skip
             yield from _batched(items, batch_size)
             return
         quota = plan["quota"]
         if quota == 0:
             return
         rng = np.random.default_rng(plan["seed"])
+        slot_samples = sum(self.shards[s][1] for s in plan["shards"])
+        pending: list[BadSample] = []
 
         def endless() -> Iterator[tuple[torch.Tensor, int, str]]:
+            in_a_row = 0
             while True:
                 for shard in rng.permutation(plan["shards"]):
-                    yield from self._samples(int(shard))
+                    for sample in self._samples(int(shard)):
+                        if isinstance(sample, BadSample):
+                            pending.append(sample)
+                            in_a_row += 1
+                            # a whole pass over the slot's shards without a good sample: cycling would never end
+                            if in_a_row > slot_samples:
+                                raise SampleDecodeError(
+                                    f"split {self.split}: every sample of the shards {plan['shards']} is bad"
+                                )
+                            continue
+                        in_a_row = 0
+                        yield sample
 
         # never wait for more samples than the slot's shards hold or its quota needs
-        buffer_size = min(self.shuffle_buffer, quota, sum(self.shards[s][1] for s in plan["shards"]))
+        buffer_size = min(self.shuffle_buffer, quota, slot_samples)
 
         def augmented() -> Iterator[tuple[torch.Tensor, int]]:
             buffer: list[tuple[torch.Tensor, int, str]] = []
@@ -574,7 +689,9 @@ class StreamingSplit:
             (self._augment(i, k, plan, transform), lbl) for i, lbl, k in endless()
         )  # fmt: skip
         for size in sizes:
-            yield _collate([next(stream) for _ in range(size)])
+            x, y, keep, _ = _collate([next(stream) for _ in range(size)])
+            yield x, y, keep, pending.copy()
+            pending.clear()
 
     def _augment(
         self, image: torch.Tensor, key: str, plan: dict[str, Any], transform: Transform | None
@@ -586,8 +703,8 @@ class StreamingSplit:
         return transform(image, generator)
 
 
-def _batched(items: Iterator[tuple[torch.Tensor, int]], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    batch: list[tuple[torch.Tensor, int]] = []
+def _batched(items: Iterator[Item], batch_size: int) -> Iterator[Collated]:
+    batch: list[Item] = []
     for item in items:
         batch.append(item)
         if len(batch) == batch_size:

@@ -24,6 +24,7 @@ from torch import nn
 from iil_dist.config import Config, to_dict
 from iil_dist.data.augment import EvalTransform, TrainTransform, normalize
 from iil_dist.data.reader import (
+    BadSample,
     ConcatSplit,
     InMemorySplit,
     SplitDataset,
@@ -35,7 +36,15 @@ from iil_dist.data.shards import read_manifest, verify_shards
 from iil_dist.engine import checkpoint
 from iil_dist.engine.checkpoint import RunState, checkpoint_name
 from iil_dist.engine.deepspeed_config import deepspeed_config
-from iil_dist.engine.dist import all_reduce_sum, average_buffers_, barrier, check_same_on_all_ranks, rank, world_size
+from iil_dist.engine.dist import (
+    all_gather_objects,
+    all_reduce_sum,
+    average_buffers_,
+    barrier,
+    check_same_on_all_ranks,
+    rank,
+    world_size,
+)
 from iil_dist.engine.evaluate import accuracies
 from iil_dist.engine.io import atomic_write_json
 from iil_dist.engine.progress import StepMeter, format_table, grad_norm
@@ -137,6 +146,10 @@ class PhaseRunner:
         self.state = RunState(world_size=world_size(), zero_stage=cfg.dist.zero_stage)
         self.total_steps = self._count_steps()
         self.tracker: Tracker | NullTracker = NullTracker()
+        # bad samples skipped under data.on_error=skip: those of the current phase, and every key this rank
+        # has logged (each is logged once per run, not once per epoch)
+        self._phase_bad: dict[tuple[str, str], BadSample] = {}
+        self._logged_bad: set[tuple[str, str]] = set()
 
     def _check_scenario(self) -> None:
         want = self.cfg.data.num_phases
@@ -171,9 +184,11 @@ class PhaseRunner:
     def _open(self, split: str) -> SplitDataset | StreamingSplit | InMemorySplit:
         d = self.cfg.data
         if d.shard_url:
-            dataset: SplitDataset | StreamingSplit = StreamingSplit(d.shard_url, split, self.manifest)
+            dataset: SplitDataset | StreamingSplit = StreamingSplit(
+                d.shard_url, split, self.manifest, on_error=d.on_error
+            )
         else:
-            dataset = SplitDataset(self.scenario_dir, split, self.manifest)
+            dataset = SplitDataset(self.scenario_dir, split, self.manifest, on_error=d.on_error)
         return InMemorySplit(dataset) if d.in_memory else dataset
 
     def _epochs(self, phase: int) -> int:
@@ -264,6 +279,8 @@ class PhaseRunner:
         )  # fmt: skip
 
         self._meter = StepMeter()
+        self._phase_bad = {}
+        self._note_bad(getattr(dataset, "bad", []))  # left out when an in-memory split was decoded
         for epoch in range(state.epochs_done + 1, epochs + 1):
             self._train_epoch(phase, epoch, epochs, engine, target, dataset, method)
 
@@ -299,7 +316,7 @@ class PhaseRunner:
             self.teacher.assign_(engine)
         record = self._evaluate(phase, engine.module, test, base)
         record.update(num_consolidations=state.phase_consolidations, global_step=state.global_step, epochs=epochs,
-                      skipped_steps=state.phase_skipped_steps)  # fmt: skip
+                      skipped_steps=state.phase_skipped_steps, **self._bad_report(phase))  # fmt: skip
         state.phases.append(record)
         state.phase, state.epochs_done, state.phase_consolidations, state.phase_skipped_steps = phase + 1, 0, 0, 0
         self._log_phase(record)
@@ -320,13 +337,22 @@ class PhaseRunner:
         noise = torch.Generator(device=self.device).manual_seed(
             cfg.seed * 7919 + 104729 * phase + 1299709 * epoch + rank()
         )
+        bad: list[BadSample] = []
+        skipping = cfg.data.on_error == "skip"
         batches = train_batches(
             dataset, epoch=epoch, seed=cfg.seed + 1000 * phase, rank=rank(),
             world_size=world_size(), batch_size=cfg.optim.batch_size, num_workers=cfg.data.loader_workers,
-            transform=self.train_transform, pin_memory=cfg.dist.use_gpu,
+            transform=self.train_transform, pin_memory=cfg.dist.use_gpu, bad=bad,
         )  # fmt: skip
         wait_start = time.perf_counter()
         for images, labels, _ in batches:
+            if bad:
+                self._note_bad(bad)
+                bad.clear()
+            if skipping and self._skip_empty(len(labels), phase, epoch):
+                state.global_step += 1
+                wait_start = time.perf_counter()
+                continue
             inputs = self._inputs(images)
             labels = labels.to(self.device, non_blocking=True)
             wait_s = time.perf_counter() - wait_start
@@ -375,6 +401,40 @@ class PhaseRunner:
                 self._log_window(phase, epoch, epochs, self._meter, engine)
                 self._meter = StepMeter()
             wait_start = time.perf_counter()
+
+    def _skip_empty(self, batch_len: int, phase: int, epoch: int) -> bool:
+        """Whether every rank skips this step because some rank's batch held only bad samples (one more
+        all-reduce per step, only under data.on_error=skip)."""
+        empty = all_reduce_sum(torch.tensor([float(batch_len == 0)], device=self.device)).item()
+        if not empty:
+            return False
+        self.state.phase_skipped_steps += 1
+        log.warning(
+            "phase %d epoch %d step %d: every sample of a batch was bad on %d rank(s); step skipped on every rank",
+            phase, epoch, self.state.global_step + 1, int(empty),
+        )  # fmt: skip
+        return True
+
+    def _note_bad(self, items: list[BadSample]) -> None:
+        """Records skipped bad samples for the phase's report; logs each the first time this rank meets it."""
+        for item in items:
+            key = (item.split, item.key)
+            self._phase_bad.setdefault(key, item)
+            if key not in self._logged_bad:
+                self._logged_bad.add(key)
+                log.warning("skipped bad sample %s of split %s in %s: %s", *key[::-1], item.shard, item.reason)
+
+    def _bad_report(self, phase: int) -> dict[str, Any]:
+        """The phase's skipped samples over all ranks (a collective): their count and the first 100."""
+        if self.cfg.data.on_error != "skip":
+            return {}
+        merged: dict[tuple[str, str], BadSample] = {}
+        for part in all_gather_objects(self._phase_bad):
+            merged.update(part)
+        listed = [merged[k].__dict__ for k in sorted(merged)]
+        if merged:
+            log.warning("phase %d: %d bad samples skipped (results.json: bad_samples)", phase, len(merged))
+        return {"bad_samples": len(merged), "bad_sample_list": listed[:100]}
 
     def _skip_nonfinite(self, losses: dict[str, torch.Tensor], phase: int, epoch: int) -> bool:
         """Whether to skip this step: some rank has a non-finite loss term and optim.on_nonfinite is skip.
@@ -455,7 +515,7 @@ class PhaseRunner:
             return self._open(split_name(phase))
         names = [split_name(k) for k in range(phase + 1)]
         if self.cfg.data.shard_url:
-            return StreamingSplit(self.cfg.data.shard_url, names, self.manifest)
+            return StreamingSplit(self.cfg.data.shard_url, names, self.manifest, on_error=self.cfg.data.on_error)
         return ConcatSplit([base, *(self._open(name) for name in names[1:])], "+".join(names))
 
     def _targets(self, resume: _Resume | None) -> Teacher:
@@ -507,8 +567,10 @@ class PhaseRunner:
             "transform": self.eval_transform, "num_workers": self.cfg.data.loader_workers,
             "pin_memory": self.cfg.dist.use_gpu,
         }  # fmt: skip
-        test_acc = accuracies(models, test, **kwargs)
-        base_acc = accuracies(models, base, **kwargs)
+        bad: list[BadSample] = [*getattr(test, "bad", []), *getattr(base, "bad", [])]
+        test_acc = accuracies(models, test, bad=bad, **kwargs)
+        base_acc = accuracies(models, base, bad=bad, **kwargs)
+        self._note_bad(bad)
         record: dict[str, Any] = {
             "phase": phase,
             # both models must be bitwise identical on every rank; the check raises otherwise
@@ -557,6 +619,6 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
     for key, value in record.items():
         if isinstance(value, dict):
             out.update({f"{key}/{k}": v for k, v in value.items()})
-        elif key != "phase" and not key.endswith("fingerprint"):
+        elif key != "phase" and not key.endswith("fingerprint") and not isinstance(value, list):
             out[key] = value
     return out
