@@ -219,3 +219,54 @@ def test_failed_run_resumes_with_resume_flag(tmp_path, tiny_scenario, zero1_run)
     assert not (run_dir / "results.json").exists()
     assert cli.main(["train", "--resume", str(run_dir)]) == 0
     _check_continued_mid_phase(run_dir, reference, killer)
+
+
+class _FaultKiller:
+    """Kills, with SIGKILL, each rank that stops at a fault point (iil_dist.engine.faults) of this run."""
+
+    def __init__(self, fault_dir: Path) -> None:
+        self.fault_dir = fault_dir
+        self.killed: list[str] = []
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "_FaultKiller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            for marker in sorted(self.fault_dir.iterdir()):
+                pid = marker.read_text()
+                if marker.name not in self.killed and pid:
+                    os.kill(int(pid), signal.SIGKILL)
+                    self.killed.append(marker.name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_worker_killed_during_consolidation_and_evaluation_recovers(tmp_path, tiny_scenario, zero1_run, monkeypatch):
+    """Guards against a restart after a node lost in the middle of a KC-EMA consolidation (rank 1: the
+    teacher half updated in memory) or of an evaluation (rank 0, the rank that writes results and tracks)
+    ending elsewhere than the uninterrupted run, or not recovering at all."""
+    reference, _ = zero1_run
+    fault_dir = tmp_path / "faults"
+    fault_dir.mkdir()
+    monkeypatch.setenv("IIL_DIST_FAULT_POINTS", "consolidate@1.3:1,evaluate@2:0")
+    monkeypatch.setenv("IIL_DIST_FAULT_DIR", str(fault_dir))
+    with _FaultKiller(fault_dir) as killer:
+        results, run_dir = _train(tmp_path, tiny_scenario, "faults", [*KILLED, "dist.max_failures=2"])
+    assert killer.killed == ["consolidate@1.3-rank1", "evaluate@2-rank0"]
+    resumed = re.findall(
+        r"resumed from \S+: phase (\d+) after epoch (\d+)", (run_dir / "logs" / "rank0.log").read_text()
+    )
+    # the consolidation of epoch 3 restarts after epoch 2's checkpoint; phase 2's evaluation after epoch 3's
+    assert resumed == [("1", "2"), ("2", "3")]
+    assert results["phases"] == reference["phases"]
+    assert results["num_consolidations"] == reference["num_consolidations"]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)

@@ -46,6 +46,7 @@ from iil_dist.engine.dist import (
     world_size,
 )
 from iil_dist.engine.evaluate import accuracies
+from iil_dist.engine.faults import fault_point
 from iil_dist.engine.io import atomic_write_json
 from iil_dist.engine.progress import StepMeter, format_table, grad_norm
 from iil_dist.engine.teacher import Teacher
@@ -292,6 +293,7 @@ class PhaseRunner:
                 and consolidation_due(epoch, freeze_epochs=m.freeze_epochs, every_epochs=m.ema_every_epochs)
             ):
                 average_buffers_(engine.module)
+                fault_point(f"consolidate@{phase}.{epoch}")
                 self.teacher.consolidate_(engine, m.ema_alpha)
                 state.phase_consolidations += 1
                 state.num_consolidations += 1
@@ -569,6 +571,7 @@ class PhaseRunner:
         }  # fmt: skip
         bad: list[BadSample] = [*getattr(test, "bad", []), *getattr(base, "bad", [])]
         test_acc = accuracies(models, test, bad=bad, **kwargs)
+        fault_point(f"evaluate@{phase}")
         base_acc = accuracies(models, base, bad=bad, **kwargs)
         self._note_bad(bad)
         record: dict[str, Any] = {
