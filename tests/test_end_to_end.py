@@ -177,15 +177,16 @@ class _Killer:
             return
 
 
-def _check_continued_mid_phase(run_dir: Path, reference: dict, killer: _Killer) -> dict:
-    """The run lost a worker inside phase 1, went on from a checkpoint inside that phase and ended with
-    bitwise the same teacher and student (fingerprints) and the same metrics as the uninterrupted run."""
+def _check_continued_mid_phase(run_dir: Path, reference: dict, killer: _Killer, earliest: int = 1) -> dict:
+    """The run lost a worker inside phase 1, went on from a checkpoint inside that phase (at or after epoch
+    `earliest`) and ended with bitwise the same teacher and student (fingerprints) and the same metrics as
+    the uninterrupted run."""
     assert killer.killed_pid is not None, "the worker was never killed"
     results = json.loads((run_dir / "results.json").read_text())
     resumed = re.findall(
         r"resumed from \S+: phase (\d+) after epoch (\d+)", (run_dir / "logs" / "rank0.log").read_text()
     )
-    assert len(resumed) == 1 and resumed[0][0] == "1" and 1 <= int(resumed[0][1]) < 4, resumed
+    assert len(resumed) == 1 and resumed[0][0] == "1" and earliest <= int(resumed[0][1]) < 4, resumed
     assert results["phases"] == reference["phases"]
     assert results["num_consolidations"] == reference["num_consolidations"]
     # metrics.jsonl holds each step's record once: the restarted run dropped what it recomputes
@@ -217,8 +218,17 @@ def test_failed_run_resumes_with_resume_flag(tmp_path, tiny_scenario, zero1_run)
     with _Killer(run_dir) as killer, pytest.raises(Exception, match="(?i)fail|died|error"):
         cli.main(["train", str(REPO / "configs" / "digits.yaml"), *overrides])
     assert not (run_dir / "results.json").exists()
+    # the newest checkpoint Ray registered is damaged afterwards (a torn copy, a disk fault): the resume
+    # names it and goes on from the one before it
+    experiment = run_dir / "checkpoints" / "cut"
+    snapshot = json.loads((experiment / "checkpoint_manager_snapshot.json").read_text())
+    newest = experiment / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    (newest / "teacher.pt").write_bytes((newest / "teacher.pt").read_bytes()[:100])
     assert cli.main(["train", "--resume", str(run_dir)]) == 0
-    _check_continued_mid_phase(run_dir, reference, killer)
+    _check_continued_mid_phase(run_dir, reference, killer, earliest=0)  # the one before may end phase 0
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert f"checkpoint {newest} is incomplete: teacher.pt (rank 0) is missing or torn" in log
+    assert "resuming from the newest complete checkpoint before it" in log
 
 
 class _FaultKiller:
@@ -251,21 +261,24 @@ class _FaultKiller:
 @pytest.mark.timeout(400)
 def test_worker_killed_during_consolidation_and_evaluation_recovers(tmp_path, tiny_scenario, zero1_run, monkeypatch):
     """Guards against a restart after a node lost in the middle of a KC-EMA consolidation (rank 1: the
-    teacher half updated in memory) or of an evaluation (rank 0, the rank that writes results and tracks)
-    ending elsewhere than the uninterrupted run, or not recovering at all."""
+    teacher half updated in memory), of a checkpoint (rank 1, after rank 0 stored its part) or of an
+    evaluation (rank 0, the rank that writes results and tracks) ending elsewhere than the uninterrupted
+    run, resuming from the half-written checkpoint, or not recovering at all."""
     reference, _ = zero1_run
     fault_dir = tmp_path / "faults"
     fault_dir.mkdir()
-    monkeypatch.setenv("IIL_DIST_FAULT_POINTS", "consolidate@1.3:1,evaluate@2:0")
+    monkeypatch.setenv("IIL_DIST_FAULT_POINTS", "consolidate@1.3:1,checkpoint@phase02-epoch0002:1,evaluate@2:0")
     monkeypatch.setenv("IIL_DIST_FAULT_DIR", str(fault_dir))
     with _FaultKiller(fault_dir) as killer:
-        results, run_dir = _train(tmp_path, tiny_scenario, "faults", [*KILLED, "dist.max_failures=2"])
-    assert killer.killed == ["consolidate@1.3-rank1", "evaluate@2-rank0"]
+        results, run_dir = _train(tmp_path, tiny_scenario, "faults", [*KILLED, "dist.max_failures=3"])
+    assert killer.killed == ["consolidate@1.3-rank1", "checkpoint@phase02-epoch0002-rank1", "evaluate@2-rank0"]
     resumed = re.findall(
         r"resumed from \S+: phase (\d+) after epoch (\d+)", (run_dir / "logs" / "rank0.log").read_text()
     )
-    # the consolidation of epoch 3 restarts after epoch 2's checkpoint; phase 2's evaluation after epoch 3's
-    assert resumed == [("1", "2"), ("2", "3")]
+    # the consolidation of epoch 3 restarts after epoch 2's checkpoint; the checkpoint of phase 2's epoch 2,
+    # half written (rank 0's part stored, rank 1's not), was never registered: the restart goes back to
+    # epoch 1's; phase 2's evaluation restarts after epoch 3's
+    assert resumed == [("1", "2"), ("2", "1"), ("2", "3")]
     assert results["phases"] == reference["phases"]
     assert results["num_consolidations"] == reference["num_consolidations"]
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

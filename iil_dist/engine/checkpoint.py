@@ -141,6 +141,19 @@ def read_state(directory: Path) -> RunState:
     return state
 
 
+def newest_complete(directories: list[Path]) -> Path | None:
+    """The newest (by name: names sort in run order) of `directories` that is a complete checkpoint;
+    the incomplete ones passed over are logged with what is wrong with them."""
+    for directory in sorted(directories, key=lambda p: p.name, reverse=True):
+        try:
+            read_state(directory)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", directory, err)
+            continue
+        return directory
+    return None
+
+
 def load_tensors(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -151,6 +151,9 @@ class PhaseRunner:
         # has logged (each is logged once per run, not once per epoch)
         self._phase_bad: dict[tuple[str, str], BadSample] = {}
         self._logged_bad: set[tuple[str, str]] = set()
+        # appended to checkpoint names; set when a run goes back to an older checkpoint, so that the ones it
+        # writes again get names of their own (the storage may still list the old ones under theirs)
+        self.checkpoint_suffix = ""
 
     def _check_scenario(self) -> None:
         want = self.cfg.data.num_phases
@@ -534,8 +537,10 @@ class PhaseRunner:
     def _checkpoint(self, name: str, metrics: dict[str, Any], engine: Any | None, target: Teacher | None) -> None:
         """Writes this rank's part of checkpoint `name` to a local directory and reports it."""
         separate_target = target if target is not None and target is not self.teacher else None
+        name += self.checkpoint_suffix
         with tempfile.TemporaryDirectory(prefix=f"iil-{name}-rank{rank()}-") as tmp:
             checkpoint.save(Path(tmp), self.state, student=engine, teacher=self.teacher, target=separate_target)
+            fault_point(f"checkpoint@{name}")
             self.report(metrics, checkpoint=Path(tmp), name=name)
 
     def _log_window(self, phase: int, epoch: int, epochs: int, meter: StepMeter, engine: Any) -> None:

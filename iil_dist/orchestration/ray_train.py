@@ -66,7 +66,30 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
         return
     # the checkpoint is read before the first new report, so pruning cannot remove it while in use
     with latest.as_directory() as directory:
-        runner.run(restore=Path(directory))
+        restore = _complete(Path(directory), checkpoint_root(run_dir) / cfg.name)
+        if restore != Path(directory):
+            # Ray still lists the damaged checkpoint and the ones between: writing under their names again
+            # would let its pruning delete the new files
+            runner.checkpoint_suffix = f"-redo{int(time.time())}"
+        runner.run(restore=restore)
+
+
+def _complete(directory: Path, experiment: Path) -> Path:
+    """`directory` if it is a complete checkpoint, else the newest complete one before it in the local
+    storage `experiment` (a checkpoint damaged after Ray registered it); raises naming what is wrong."""
+    from iil_dist.engine.checkpoint import CheckpointError, newest_complete, read_state
+
+    try:
+        read_state(directory)
+        return directory
+    except CheckpointError as err:
+        names = sorted(p.name for p in experiment.iterdir()) if experiment.is_dir() else []
+        older = [experiment / n for n in names if n.startswith("phase") and n < directory.name]
+        fallback = newest_complete(older)
+        if fallback is None:
+            raise CheckpointError(f"{err}; and no complete checkpoint before it in {experiment}") from None
+        log.warning("%s; resuming from the newest complete checkpoint before it, %s", err, fallback)
+        return fallback
 
 
 def checkpoint_root(run_dir: Path) -> Path:
