@@ -344,6 +344,20 @@ def test_read_manifest_names_missing_field(scenario_dir: Path, tmp_path: Path) -
         read_manifest(tmp_path / "missing")
 
 
+def test_empty_or_missing_phase_is_named(scenario_dir: Path, tmp_path: Path) -> None:
+    """Guards against a phase without samples (a hand-edited manifest or another tool's) being trained on as
+    if it were a phase, or failing later inside the reader with a message about shard counts."""
+    manifest = json.loads((scenario_dir / "manifest.json").read_text())
+    manifest["splits"]["phase-02"].update(num_samples=0, shards=[])
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest\.json: split 'phase-02' is empty \(0 samples in 0 shards\)"):
+        read_manifest(tmp_path)
+    del manifest["splits"]["phase-02"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"num_phases is 3 but split 'phase-02' is missing"):
+        read_manifest(tmp_path)
+
+
 def test_manifest_from_before_the_corruption_and_subpopulation_fields(scenario_dir: Path, tmp_path: Path) -> None:
     """Guards against rotation scenarios prepared before the newer drift fields existed becoming unreadable or
     being rewritten: their shards do not depend on those fields."""

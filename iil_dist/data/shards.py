@@ -532,10 +532,20 @@ def read_manifest(scenario_dir: Path) -> dict:
     require(manifest, _TOP_FIELDS, "")
     for name, value in _LATER_ARGS.items():
         manifest.setdefault(name, value)
+    missing = [name for name in split_names(int(manifest["num_phases"])) if name not in manifest["splits"]]
+    if missing:
+        raise ValueError(f"{path}: num_phases is {manifest['num_phases']} but split {missing[0]!r} is missing")
     for split, entry in manifest["splits"].items():
         require(entry, _SPLIT_FIELDS, f"splits.{split}.")
         for k, shard in enumerate(entry["shards"]):
             require(shard, _SHARD_FIELDS, f"splits.{split}.shards[{k}].")
+        count = entry["num_samples"]
+        if not isinstance(count, int) or count < 1 or not entry["shards"]:
+            # an empty phase would train on nothing and report it as a phase; an empty test set has no accuracy
+            raise ValueError(
+                f"{path}: split {split!r} is empty ({count!r} samples in {len(entry['shards'])} shards); every "
+                "split needs samples: prepare the scenario again (with fewer data.num_phases for a small source)"
+            )
     return manifest
 
 
