@@ -219,6 +219,12 @@ class TrackingConfig:
     init_timeout_s: float = _f(
         30.0, "online mode: seconds to wait for the wandb server before logging offline instead (with a warning)", gt=0
     )
+    finish_timeout_s: float = _f(
+        120.0,
+        "seconds the end of a run waits for wandb to finish uploading; after that it warns and leaves the run's "
+        "files for `wandb sync` (a server lost mid-run can otherwise hold the job for good)",
+        gt=0,
+    )
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The driver's console (following rank 0's log file) and the wandb tracker's fallback."""
 
 import io
+import threading
 import time
 
 import pytest
@@ -50,3 +51,50 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path, monkeypatch, c
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "wandb" in r.getMessage()]
     assert warning and "logging offline" in warning[0] and key not in warning[0]
+
+
+def test_wandb_finish_that_hangs_is_bounded(tmp_path, monkeypatch, caplog):
+    """Guards against a job that never ends because wandb keeps retrying a server lost mid-run when the run
+    finishes (its finish has no time limit): the tracker waits tracking.finish_timeout_s, then warns."""
+    from iil_dist.config import from_dict
+    from iil_dist.tracking.tracker import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = from_dict({}, ["tracking.wandb_mode=offline", "tracking.finish_timeout_s=2", "name=hang"])
+    tracker = Tracker(cfg, tmp_path / "run", total_steps=10, revision="test")
+    tracker.log({"train/loss": 1.0}, step=1)
+    real_finish = tracker._run.finish
+
+    server_back = threading.Event()
+
+    def lost_server_finish(*args, **kwargs):  # the fault: uploads that do not complete until the server is back
+        server_back.wait(60)
+        real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(tracker._run, "finish", lost_server_finish)
+    start = time.monotonic()
+    tracker.close()
+    assert 2 <= time.monotonic() - start < 10
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "finish" in r.getMessage()]
+    assert warning and "tracking.finish_timeout_s" in warning[0] and "wandb sync" in warning[0]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
+    # the server comes back: the run finishes in the background (and leaves no open run to the next test)
+    server_back.set()
+    for thread in threading.enumerate():
+        if thread.name == "wandb-finish":
+            thread.join(30)
+
+
+def test_wandb_finish_in_time_leaves_a_complete_run(tmp_path, monkeypatch, caplog):
+    """Guards against the bounded finish cutting a normal one short: the offline run is complete, no warning."""
+    from iil_dist.config import from_dict
+    from iil_dist.tracking.tracker import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = from_dict({}, ["tracking.wandb_mode=offline", "name=ok"])
+    tracker = Tracker(cfg, tmp_path / "run", total_steps=10, revision="test")
+    tracker.log({"train/loss": 1.0}, step=1)
+    tracker.close()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert files and files[0].stat().st_size > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Tracker:
         self.total_steps = total_steps
         self.start_step = start_step
         self.mode = resolve_wandb_mode(cfg.tracking.wandb_mode)
+        self.finish_timeout_s = cfg.tracking.finish_timeout_s
         run_dir.mkdir(parents=True, exist_ok=True)
         jsonl = run_dir / "metrics.jsonl"
         if jsonl.exists():  # a resumed or restarted run
@@ -108,10 +110,27 @@ class Tracker:
                 self._run.summary[key] = value
 
     def close(self) -> None:
+        """Closes metrics.jsonl and finishes the wandb run, waiting at most tracking.finish_timeout_s: wandb
+        retries a lost server without end, and the job must not wait on it after training is done."""
         self._jsonl.close()
-        if self._run is not None:
-            self._run.finish()
-            self._run = None
+        run, self._run = self._run, None
+        if run is None:
+            return
+        finished = threading.Event()
+
+        def finish() -> None:
+            try:
+                run.finish()
+            finally:
+                finished.set()
+
+        threading.Thread(target=finish, name="wandb-finish", daemon=True).start()
+        if not finished.wait(self.finish_timeout_s):
+            log.warning(
+                "wandb: the run did not finish uploading within %.0f s (tracking.finish_timeout_s); its files "
+                "stay in %s, upload them later with `wandb sync`",
+                self.finish_timeout_s, self.run_dir / "wandb",
+            )  # fmt: skip
 
 
 class NullTracker:
