@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from iil_dist.data.reader import SplitDataset, StreamingSplit
+from iil_dist.data.reader import BadSample, SplitDataset, StreamingSplit
 from iil_dist.data.shards import read_manifest, verify_shards
 
 CASES = 240
@@ -29,9 +29,9 @@ def _flip(data: bytes, rng: random.Random) -> bytes:
     return bytes(out)
 
 
-def _read_all(read) -> tuple[list[int] | None, Exception | None]:  # noqa: ANN001
+def _read_all(read) -> tuple[list | None, Exception | None]:  # noqa: ANN001
     try:
-        return [label for _, label in read()], None
+        return list(read()), None
     except Exception as err:  # noqa: BLE001 - the test classifies every exception
         return None, err
 
@@ -48,24 +48,35 @@ def test_flipped_bytes_never_pass_silently(tiny_scenario: Path, tmp_path: Path) 
     pristine = shard.read_bytes()
     expected = [label for _, label in SplitDataset(copy, "phase-01").iter_all()]
     rng = random.Random(0)
-    outcomes = {"delivered": 0, "named": 0}
+    outcomes = {"delivered": 0, "named": 0, "skipped": 0}
     for case in range(CASES):
         shard.write_bytes(_flip(pristine, rng))
         with pytest.raises(ValueError, match="sha256"):
             verify_shards(copy, manifest)
         readers = {
-            "indexed": lambda: SplitDataset(copy, "phase-01", manifest).iter_all(),
-            "streamed": lambda: StreamingSplit(f"{copy}/{{file}}", "phase-01", manifest).iter_all(),
-        }
+            f"{kind}-{on_error}": (
+                lambda on_error=on_error: SplitDataset(copy, "phase-01", manifest, on_error=on_error).iter_all()
+            ) if kind == "indexed" else (
+                lambda on_error=on_error: StreamingSplit(
+                    f"{copy}/{{file}}", "phase-01", manifest, on_error=on_error
+                ).iter_all()
+            )
+            for kind in ("indexed", "streamed")
+            for on_error in ("raise", "skip")
+        }  # fmt: skip
         for name, read in readers.items():
-            labels, err = _read_all(read)
+            items, err = _read_all(read)
             if err is None:
                 # delivered: every sample is there (a flipped label digit cannot be told from a real one;
-                # only the checksum can, above)
-                assert len(labels) == len(expected), (case, name)
-                outcomes["delivered"] += 1
+                # only the checksum can, above), or under on_error=skip stands for by a BadSample naming it
+                assert len(items) == len(expected), (case, name)
+                bad = [item for item in items if isinstance(item, BadSample)]
+                assert all(shard.name in b.shard and b.key for b in bad), (case, name)
+                outcomes["delivered"] += not bad
+                outcomes["skipped"] += bool(bad)
             else:
                 assert isinstance(err, ValueError), (case, name, repr(err))
                 assert shard.name in str(err), (case, name, str(err))
                 outcomes["named"] += 1
     assert outcomes["named"] > CASES  # most damage is found by the readers themselves
+    assert outcomes["skipped"] > 0  # some damage is to single samples, which on_error=skip passes over
