@@ -216,6 +216,11 @@ class TrackingConfig:
         10, "steps per metric record (wandb, metrics.jsonl): loss terms averaged over the window and ranks", ge=1
     )
     print_every: int = _f(100, "steps between console progress lines; a multiple of tracking.log_every", ge=1)
+    step_timing: bool = _f(
+        False,
+        "time the sections of every training step (data, teacher forward, student forward, backward, optimizer, "
+        "consolidation, logging, checkpoint) into results.json step_ms; synchronises the GPU at each section",
+    )
     init_timeout_s: float = _f(
         30.0, "online mode: seconds to wait for the wandb server before logging offline instead (with a warning)", gt=0
     )

@@ -38,6 +38,49 @@ class StepMeter:
         return {k: v / world_size() for k, v in zip(keys, flat.tolist(), strict=True)}
 
 
+class StepTimer:
+    """Where a phase's training time goes (tracking.step_timing): wall time between consecutive marks,
+    charged to the section named at the later mark, with the device synchronised at every mark so that
+    queued GPU work counts where it was queued. The synchronisation costs throughput: off by default."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+        self._cuda = device.type == "cuda"
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        """Starts a new interval without charging the time since the last mark to anything."""
+        if self._cuda:
+            torch.cuda.synchronize()
+        self._last = time.perf_counter()
+
+    def mark(self, section: str) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[section] = self.totals.get(section, 0.0) + now - self._last
+        self._last = now
+
+    def per_step_ms(self) -> dict[str, float]:
+        """Milliseconds per training step of each section (this rank)."""
+        return {k: round(1000 * v / max(self.steps, 1), 4) for k, v in sorted(self.totals.items())}
+
+
+class TimedTarget:
+    """The teacher (or phase-start model) as the losses call it, with its forwards charged to
+    `teacher_forward` and whatever ran since the last mark (the student's forwards) to `student_forward`."""
+
+    def __init__(self, target: Any, timer: StepTimer) -> None:
+        self.target, self.timer = target, timer
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.timer.mark("student_forward")
+        out = self.target(inputs)
+        self.timer.mark("teacher_forward")
+        return out
+
+
 @torch.no_grad()
 def grad_norm(model: nn.Module) -> torch.Tensor | None:
     """2-norm of all gradients, before clipping; DeepSpeed clips at ZeRO stage 0 but keeps no norm."""

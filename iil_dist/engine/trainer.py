@@ -48,7 +48,7 @@ from iil_dist.engine.dist import (
 from iil_dist.engine.evaluate import accuracies
 from iil_dist.engine.faults import fault_point
 from iil_dist.engine.io import atomic_write_json
-from iil_dist.engine.progress import StepMeter, format_table, grad_norm
+from iil_dist.engine.progress import StepMeter, StepTimer, TimedTarget, format_table, grad_norm
 from iil_dist.engine.teacher import Teacher
 from iil_dist.engine.zero import full_state_dict
 from iil_dist.method.dbd import base_losses, dbd_losses, lwf_losses
@@ -154,6 +154,8 @@ class PhaseRunner:
         # appended to checkpoint names; set when a run goes back to an older checkpoint, so that the ones it
         # writes again get names of their own (the storage may still list the old ones under theirs)
         self.checkpoint_suffix = ""
+        # per phase run by this process: training seconds, images/s and (tracking.step_timing) the step breakdown
+        self.timings: list[dict[str, Any]] = []
 
     def _check_scenario(self) -> None:
         want = self.cfg.data.num_phases
@@ -233,6 +235,7 @@ class PhaseRunner:
                 "wall_time_s": round(time.perf_counter() - start, 2),
                 "code_revision": self.revision,
                 "phases": self.state.phases,
+                "timing": self.timings,
                 "config": to_dict(self.cfg),
             }
             if rank() == 0:
@@ -283,6 +286,8 @@ class PhaseRunner:
         )  # fmt: skip
 
         self._meter = StepMeter()
+        self._timer = StepTimer(self.device) if cfg.tracking.step_timing else None
+        train_start, self._trained_samples = time.perf_counter(), 0
         self._phase_bad = {}
         self._note_bad(getattr(dataset, "bad", []))  # left out when an in-memory split was decoded
         for epoch in range(state.epochs_done + 1, epochs + 1):
@@ -295,9 +300,13 @@ class PhaseRunner:
                 and m.consolidation
                 and consolidation_due(epoch, freeze_epochs=m.freeze_epochs, every_epochs=m.ema_every_epochs)
             ):
+                if self._timer:
+                    self._timer.start()
                 average_buffers_(engine.module)
                 fault_point(f"consolidate@{phase}.{epoch}")
                 self.teacher.consolidate_(engine, m.ema_alpha)
+                if self._timer:
+                    self._timer.mark("consolidation")
                 state.phase_consolidations += 1
                 state.num_consolidations += 1
                 self.tracker.log(
@@ -309,11 +318,27 @@ class PhaseRunner:
             every = cfg.checkpoint.every_epochs
             if every and epoch % every == 0 and epoch < epochs:
                 metrics = {"phase": phase, "epoch": epoch, "global_step": state.global_step}
+                if self._timer:
+                    self._timer.start()
                 self._checkpoint(checkpoint_name(phase, epoch), metrics, engine, target)
+                if self._timer:
+                    self._timer.mark("checkpoint")
 
         # the last, partial window of the phase is recorded too, so no window mixes two phases
         if self._meter.steps:
             self._log_window(phase, epochs, epochs, self._meter, engine)
+        # training throughput of the phase over all ranks (of the epochs run since a restart), kept apart
+        # from the phase records: those are the run's results, the same however often it was interrupted
+        train_s = time.perf_counter() - train_start
+        timing = {
+            "phase": phase,
+            "train_s": round(train_s, 3),
+            "img_per_s": round(self._trained_samples * world_size() / max(train_s, 1e-9), 1),
+        }
+        if self._timer:
+            timing["step_ms"] = self._timer.per_step_ms()
+        self.timings.append(timing)
+        self.tracker.log({f"time/{k}": v for k, v in _flatten(timing).items()} | {"phase": phase}, state.global_step)
 
         # end of phase: make the student identical on every rank, deploy, evaluate, checkpoint
         average_buffers_(engine.module)
@@ -349,6 +374,10 @@ class PhaseRunner:
             world_size=world_size(), batch_size=cfg.optim.batch_size, num_workers=cfg.data.loader_workers,
             transform=self.train_transform, pin_memory=cfg.dist.use_gpu, bad=bad,
         )  # fmt: skip
+        timer = self._timer
+        if timer:
+            timer.start()
+            target = TimedTarget(target, timer)
         wait_start = time.perf_counter()
         for images, labels, _ in batches:
             if bad:
@@ -361,6 +390,10 @@ class PhaseRunner:
             inputs = self._inputs(images)
             labels = labels.to(self.device, non_blocking=True)
             wait_s = time.perf_counter() - wait_start
+            self._trained_samples += len(labels)
+            if timer:
+                timer.mark("data")
+                timer.steps += 1
 
             # losses: targets from the frozen teacher (or phase-start copy), student forward
             with self._autocast():
@@ -377,10 +410,17 @@ class PhaseRunner:
                 wait_start = time.perf_counter()
                 continue
 
+            if timer:
+                timer.mark("student_forward")  # the losses, and the check of every rank's loss terms
+
             # backward and optimizer step (DeepSpeed all-reduces and clips the gradients)
             engine.backward(losses["loss"])
+            if timer:
+                timer.mark("backward")
             stage0_norm = grad_norm(engine.module) if cfg.dist.zero_stage == 0 else None
             engine.step()
+            if timer:
+                timer.mark("optimizer")
             state.global_step += 1
             norm = stage0_norm if stage0_norm is not None else engine.get_global_grad_norm()
             if norm is not None and not math.isfinite(float(norm)):
@@ -400,11 +440,15 @@ class PhaseRunner:
                 self.teacher.consolidate_(engine, cfg.method.mt_alpha)
                 state.phase_consolidations += 1
                 state.num_consolidations += 1
+                if timer:
+                    timer.mark("consolidation")
 
             # metrics: a collective every log_every steps, on all ranks alike (global_step agrees)
             if state.global_step % cfg.tracking.log_every == 0:
                 self._log_window(phase, epoch, epochs, self._meter, engine)
                 self._meter = StepMeter()
+            if timer:
+                timer.mark("logging")
             wait_start = time.perf_counter()
 
     def _skip_empty(self, batch_len: int, phase: int, epoch: int) -> bool:
