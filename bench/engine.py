@@ -7,8 +7,10 @@ scenario prepared from a synthetic ImageFolder (100 classes); phase 1's training
 per-step breakdown (`tracking.step_timing`) come from results.json. The plain loop: one process, the
 phase's images decoded into memory once, the same model, batch size, optimizer, gradient clipping,
 losses (`iil_dist.method.dbd_losses`) and KC-EMA schedule (`torch._foreach_lerp_` after the freezing
-period), timed with the same sections. Both use one thread per worker (`dist.torch_threads`). The plain
-loop runs before and after the system runs, and its mean is the reference.
+period), timed with the same sections. Both use one thread per worker (`dist.torch_threads`); the system
+decodes in `--loader-workers` loader processes per worker. The plain loop runs before and after the system
+runs, and its mean is the reference. Data: the streaming reader alone (one process, decoding, no model)
+against what one worker's steps consume, and the share of step time spent waiting for data.
 
     .venv/bin/python bench/engine.py                      # writes bench/results/engine.json
 """
@@ -108,6 +110,20 @@ def plain_loop(args: argparse.Namespace, scenario: Path) -> dict:
             "step_ms": timer.per_step_ms()}  # fmt: skip
 
 
+def reader_rate(args: argparse.Namespace, scenario: Path) -> dict:
+    """Images/s one process gets from the streaming reader alone (decoding included, no model): what one
+    loader process can supply, to compare with what a training step consumes."""
+    from iil_dist.data.reader import StreamingSplit, train_batches
+
+    torch.set_num_threads(1)
+    split = StreamingSplit(f"{scenario}/{{file}}", "phase-01", read_manifest(scenario))
+    start, count = time.perf_counter(), 0
+    for epoch in range(2):
+        for _, y, _ in train_batches(split, epoch=epoch, seed=0, rank=0, world_size=1, batch_size=args.batch):
+            count += len(y)
+    return {"img_per_s": round(count / (time.perf_counter() - start), 1)}
+
+
 def system_run(args: argparse.Namespace, scenario: Path, workers: int) -> dict:
     """`iil-dist train` with `workers` Ray workers; phase 1's timing from results.json."""
     name = f"bench-engine-w{workers}"
@@ -115,6 +131,7 @@ def system_run(args: argparse.Namespace, scenario: Path, workers: int) -> dict:
         sys.executable, "-m", "iil_dist", "train", str(CONFIG), *overrides(args, scenario),
         f"name={name}", f"run_root={args.work / 'runs'}", f"dist.num_workers={workers}",
         f"data.shard_url={scenario}/{{file}}", "data.in_memory=false", "tracking.step_timing=true",
+        f"data.loader_workers={args.loader_workers}",
         "tracking.wandb_mode=offline", "tracking.log_every=10", "tracking.print_every=1000",
         "checkpoint.every_epochs=0",
     ]  # fmt: skip
@@ -133,6 +150,7 @@ def main() -> None:
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=4, help="epochs of phase 1")
+    parser.add_argument("--loader-workers", type=int, default=1, help="data.loader_workers of the system runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/iil-bench-engine"))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "engine.json"))
     args = parser.parse_args()
@@ -141,6 +159,7 @@ def main() -> None:
     prepare = [sys.executable, "-m", "iil_dist", "prepare", str(CONFIG), *overrides(args, scenario)]
     subprocess.run(prepare, check=True, capture_output=True)
 
+    reader = reader_rate(args, scenario)
     plain = [plain_loop(args, scenario)]
     systems = [system_run(args, scenario, workers) for workers in (1, 2)]
     plain.append(plain_loop(args, scenario))
@@ -157,7 +176,12 @@ def main() -> None:
         "system": systems,
         "ratio_1_worker_to_plain": round(one["img_per_s"] / reference, 3),
         "ratio_2_workers_to_1": round(two["img_per_s"] / one["img_per_s"], 3),
-    }
+        # data: what one reader process supplies over what one worker's steps consume, and the steps' wait
+        "reader_img_per_s": reader["img_per_s"],
+        "ratio_reader_to_consumption": round(reader["img_per_s"] / one["img_per_s"], 3),
+        "data_wait_share": {f"{r['workers']}w": round(r["step_ms"]["data"] / sum(r["step_ms"].values()), 4)
+                            for r in systems},
+    }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -167,7 +191,9 @@ def main() -> None:
     for label, r in rows:
         print(f"{label:>12} {r['img_per_s']:>8} " + " ".join(f"{r['step_ms'].get(s, 0):>14.3f}" for s in sections))
     print(f"1 worker / plain loop: {report['ratio_1_worker_to_plain']}   2 workers / 1 worker: "
-          f"{report['ratio_2_workers_to_1']}   -> {args.out}")  # fmt: skip
+          f"{report['ratio_2_workers_to_1']}")  # fmt: skip
+    print(f"reader alone {reader['img_per_s']} img/s per process = {report['ratio_reader_to_consumption']}x what "
+          f"one worker consumes; data wait {report['data_wait_share']} of step time   -> {args.out}")  # fmt: skip
 
 
 if __name__ == "__main__":
