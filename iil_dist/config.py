@@ -31,8 +31,10 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "cifar100", "imagefolder", "imagenet100"] = _f(
-        "digits", "dataset the scenario is built from (digits is bundled; the others read data.source_path)"
+    source: Literal["digits", "cifar100", "imagefolder", "imagenet100", "arrays"] = _f(
+        "digits",
+        "dataset the scenario is built from (digits is bundled; the others read data.source_path; arrays: a folder "
+        "with images.npy and labels.npy)",
     )
     source_path: str = _f(
         "", "cifar100: the official cifar-100-python.tar.gz; imagefolder/imagenet100: a folder with train/ and val/"

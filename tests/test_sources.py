@@ -279,3 +279,38 @@ def test_image_folder_streamed_bf16_two_ranks(tmp_path, image_folder):
     # the rotated test copies double val/: 12 images
     manifest = read_manifest(scenario)
     assert manifest["splits"]["test"]["num_samples"] == 24 and results["world_size"] == 2
+
+
+def test_arrays_source_is_read_memory_mapped_and_checked(tmp_path):
+    """Guards against the arrays source reordering or altering pixels or labels, and against a wrong array
+    failing deep in the writer instead of naming the file."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(120, 12, 12), dtype=np.uint8)
+    labels = np.arange(120) % 4
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    np.save(folder / "images.npy", images)
+    np.save(folder / "labels.npy", labels)
+    source = load_source("arrays", str(folder))
+    assert source.channels == 1 and source.class_names == ["0", "1", "2", "3"] and not source.has_test_split
+    assert all(np.array_equal(source.items[i], images[i]) for i in (0, 57, 119))
+    out = tmp_path / "scenario"
+    manifest = write_scenario(
+        out, source="arrays", source_path=str(folder), num_phases=2, drift="none", image_size=12,
+        samples_per_shard=20, **COMMON,
+    )  # fmt: skip
+    written = sum(e["num_samples"] for e in manifest["splits"].values())
+    assert written == 120 and manifest["num_classes"] == 4
+    stored = {x.numpy().tobytes(): y for name in manifest["splits"] for x, y in SplitDataset(out, name).iter_all()}
+    assert stored == {img.tobytes(): int(lbl) for img, lbl in zip(images, labels, strict=True)}
+
+    np.save(folder / "images.npy", images.astype(np.float32))
+    with pytest.raises(ValueError, match=r"images\.npy: expected uint8"):
+        load_source("arrays", str(folder))
+    np.save(folder / "images.npy", images)
+    np.save(folder / "labels.npy", labels[:-1])
+    with pytest.raises(ValueError, match=r"labels\.npy: expected 120 integer labels"):
+        load_source("arrays", str(folder))
+    (folder / "labels.npy").unlink()
+    with pytest.raises(ValueError, match=r"labels\.npy is missing"):
+        load_source("arrays", str(folder))

@@ -10,7 +10,9 @@ so shards are written in parallel processes without copying the dataset into eac
 - imagefolder: `train/` and `val/` of class folders (ImageNet-1k's layout), files kept encoded; `val/`
   is the test set;
 - imagenet100: an ImageFolder tree restricted to the classes of a list file (a seeded 100-class list
-  of ImageNet-1k ships with the package).
+  of ImageNet-1k ships with the package);
+- arrays: a folder with `images.npy` (uint8, N x H x W or N x H x W x C) and `labels.npy` (N integers),
+  memory-mapped, so its size is not bounded by memory (no official test split).
 """
 
 from __future__ import annotations
@@ -243,7 +245,28 @@ def imagefolder_source(root: Path, class_list: Sequence[str] | None = None, name
     return Source(name, np.array(labels, dtype=np.int64), num_train, classes, channels=3, items=items)
 
 
-SOURCE_NAMES = ("digits", "cifar100", "imagefolder", "imagenet100")
+def arrays_source(folder: Path) -> Source:
+    """`folder`/images.npy and `folder`/labels.npy, checked for shape and type before anything is written."""
+    images_path, labels_path = folder / "images.npy", folder / "labels.npy"
+    for path in (images_path, labels_path):
+        if not path.is_file():
+            raise ValueError(f"data.source_path: {path} is missing (data.source=arrays reads images.npy, labels.npy)")
+    images = np.load(images_path, mmap_mode="r")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise ValueError(f"{images_path}: expected uint8 N x H x W or N x H x W x (1 or 3), got {images.dtype} "
+                         f"{images.shape}")  # fmt: skip
+    labels = np.load(labels_path)
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{labels_path}: expected {len(images)} integer labels, got {labels.dtype} {labels.shape}")
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"{labels_path}: label {int(labels.min())} is negative")
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    channels = 1 if images.ndim == 3 else int(images.shape[3])
+    names = [str(c) for c in range(num_classes)]
+    return Source("arrays", labels.astype(np.int64), len(labels), names, channels, ArrayItems(path=images_path))
+
+
+SOURCE_NAMES = ("digits", "cifar100", "imagefolder", "imagenet100", "arrays")
 
 
 def load_source(name: str, source_path: str = "", class_list: str = "", cache_dir: Path | None = None) -> Source:
@@ -257,6 +280,8 @@ def load_source(name: str, source_path: str = "", class_list: str = "", cache_di
         raise ValueError(f"data.source_path is required for data.source={name}")
     if name == "cifar100":
         return cifar100_source(Path(source_path), cache_dir or Path(source_path).parent)
+    if name == "arrays":
+        return arrays_source(Path(source_path))
     classes = read_class_list(Path(class_list)) if class_list else None
     if name == "imagenet100" and classes is None:
         classes = read_class_list(DEFAULT_IMAGENET100)
