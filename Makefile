@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install data run test lint clean studies
+.PHONY: install data run test lint clean studies bench
 
 install: $(STAMP)
 
@@ -51,6 +51,15 @@ studies: $(STAMP)
 		cp runs/digits-methods-$$s/report.md runs/digits-methods-$$s/study.json runs/digits-methods-$$s/*.png \
 			docs/digits-methods-$$s/ || exit 1; \
 	done
+
+# The CPU benchmarks of the README's Performance section (about 8 minutes on 2 cores; results in
+# bench/results/): engine efficiency and data, consolidation cost, scale at 10k and 100k samples; the GPU
+# script writes a "skipped" result where no GPU is present.
+bench: $(STAMP)
+	$(PY) bench/engine.py
+	$(PY) bench/consolidation.py
+	$(PY) bench/scale.py
+	$(PY) bench/gpu.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
