@@ -68,3 +68,23 @@ def test_claims_do_not_apply_where_nothing_promotes():
     runs = _study(dbd=[(0.2, 0.0), (0.0, 0.1)], finetune=[(0.2, 0.0), (-0.3, 0.4)], lwf=[(0.1, 0.0), (0.2, 0.0)])
     assert {c.verdict for c in check_claims(runs)} == {UNMEASURABLE}
     assert "not measurable in this scenario" in "\n".join(claims_markdown(runs))
+
+
+def test_sweep_table_compares_each_value_with_the_default_by_order():
+    """Guards against a sweep verdict taken from unpaired means or from the student, and against a value
+    called better when its interval straddles zero."""
+    from iil_dist.report.report import sweep_markdown
+
+    runs = _study(dbd=[(20.0, 4.0), (24.0, 4.0), (22.0, 6.0)])  # objective 16, 20, 16
+    # +1 point on every order: resolved although the orders differ by 4 points
+    runs += [_run("dbd+method.sigma=2", k, pp + 1.0, f, student_pp=0.0) for k, (pp, f) in enumerate(
+        [(20.0, 4.0), (24.0, 4.0), (22.0, 6.0)])]  # fmt: skip
+    runs += [
+        _run("dbd+method.sigma=0.5", k, pp, f) for k, (pp, f) in enumerate([(20.0, 5.0), (24.0, 5.5), (22.0, 7.2)])
+    ]
+    runs += [_run("dbd+method.ema_alpha=0.8", k, pp, f) for k, (pp, f) in enumerate([(23.0, 4.0), (21.0, 4.0)])]
+    rows = {line.split(" | ")[0].strip("| "): line for line in sweep_markdown(runs) if line.startswith("| dbd+")}
+    assert rows["dbd+method.sigma=2"].endswith("| +1.00 ± 0.00 | 3 | better |")
+    assert rows["dbd+method.sigma=0.5"].endswith("| 3 | worse |")
+    assert rows["dbd+method.ema_alpha=0.8"].endswith("| +0.00 ± 38.12 | 2 | not resolved |")
+    assert sweep_markdown(_study(dbd=[(20.0, 4.0)])) == []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from iil_dist.report.claims import claims_markdown
-from iil_dist.report.study import MODELS, summarize
+from iil_dist.report.study import MODELS, summarize, t_interval
 
 # the variant a run's config describes: baselines by name, DBD by its switches (METHOD.md §5)
 _DBD_VARIANTS = {(True, True, True): "dbd", (True, True, False): "fl_dis", (True, False, False): "fl_only",
@@ -160,7 +160,17 @@ def _markdown(name: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]])
     for r in (r for r in rows if r["phase"] == r["num_phases"]):
         cells = " | ".join(_cell(r[f"{m}/{k}"]) for m in MODELS for k in ("pp", "f"))
         lines.append(f"| {r['variant']} | {r['num_phases']} | {r['n']} | {cells} |")
-    lines += ["", "![final](final.png)", "", *claims_markdown(runs), "## Per phase", "", "![per phase](pp_f.png)", ""]
+    lines += [
+        "",
+        "![final](final.png)",
+        "",
+        *sweep_markdown(runs),
+        *claims_markdown(runs),
+        "## Per phase",
+        "",
+        "![per phase](pp_f.png)",
+        "",
+    ]
     for label, series in _series(rows).items():
         lines += [f"### {label}", "", "| phase | teacher PP | teacher F | student PP | student F |",
                   "|---|---|---|---|---|"]  # fmt: skip
@@ -169,6 +179,40 @@ def _markdown(name: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]])
             lines.append(f"| {r['phase']} | {cells} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def sweep_markdown(runs: list[dict[str, Any]]) -> list[str]:
+    """For a one-at-a-time sweep (variants named "VARIANT+FIELD=VALUE"): each value against the variant's
+    default on the objective PP_T - F_T of the deployed teacher, paired by order, mean ± 95% CI. A value
+    is "better" or "worse" only when its interval excludes 0; the rule for picking defaults from it is to
+    keep the default unless a value is better."""
+    swept = sorted({(r["variant"], r["num_phases"]) for r in runs if "+" in r["variant"]})
+    if not swept:
+        return []
+
+    def objective(variant: str, T: int) -> dict[int, float]:
+        return {r["order"]: r["phases"][T]["teacher"]["pp"] - r["phases"][T]["teacher"]["f"]
+                for r in runs if r["variant"] == variant and r["num_phases"] == T}  # fmt: skip
+
+    lines = ["## Sweep", "",
+             "Objective: PP_T − F_T of the deployed teacher after the last phase, in points. Each swept value "
+             "against the default, paired over the data orders both ran (mean ± 95% CI of the difference). "
+             "Rule: keep the default unless a value is better with an interval that excludes 0.", "",
+             "| variant | T | objective | vs default | n | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for variant, T in swept:
+        default = objective(variant.split("+")[0], T)
+        value = objective(variant, T)
+        orders = sorted(set(default) & set(value))
+        mean, ci = t_interval(list(value.values()))
+        own = f"{mean:+.2f}" + ("" if math.isnan(ci) else f" ± {ci:.2f}")
+        if not orders:
+            lines.append(f"| {variant} | {T} | {own} | (the default did not run) | 0 | not resolved |")
+            continue
+        diff, half = t_interval([value[o] - default[o] for o in orders])
+        verdict = "not resolved" if math.isnan(half) or abs(diff) <= half else "better" if diff > 0 else "worse"
+        spread = "" if math.isnan(half) else f" ± {half:.2f}"
+        lines.append(f"| {variant} | {T} | {own} | {diff:+.2f}{spread} | {len(orders)} | {verdict} |")
+    return [*lines, ""]
 
 
 def _log_images(name: str, out: Path, wandb_mode: str, project: str) -> None:
