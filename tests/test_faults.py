@@ -27,12 +27,18 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str, mode: str
         losses = clean(*args, **kwargs)
         runner = faulty.runner
         if rank == 1 and runner.state.global_step + 1 == BAD_STEP:
-            losses["dis"] = losses["dis"] * math.nan
-            losses["loss"] = losses["loss"] + losses["dis"]
+            if mode == "grad":
+                # every loss term stays finite, but the gradient does not: d sqrt(u)/du is inf at u = 0
+                weight = next(args[0].module.parameters())
+                losses["loss"] = losses["loss"] + 0.0 * torch.sqrt(0.0 * weight.sum())
+            else:
+                losses["dis"] = losses["dis"] * math.nan
+                losses["loss"] = losses["loss"] + losses["dis"]
         return losses
 
     trainer.dbd_losses = faulty
-    cfg = load(REPO_CONFIG, [*SHORT, f"data.root={scenario}", f"optim.on_nonfinite={mode}"])
+    on_nonfinite = "stop" if mode == "grad" else mode
+    cfg = load(REPO_CONFIG, [*SHORT, f"data.root={scenario}", f"optim.on_nonfinite={on_nonfinite}"])
     runner = faulty.runner = trainer.PhaseRunner(cfg, Path(out) / mode)
     try:
         results = runner.run()
@@ -70,6 +76,18 @@ def test_nonfinite_loss_skipped_on_every_rank_and_counted(tmp_path: Path, tiny_s
     assert [p["skipped_steps"] for p in results["phases"]] == [0, 1, 0]
     assert [p["collapsed"] for p in results["phases"]] == [False, False, False]
     assert [(tmp_path / f"finite-rank{r}.txt").read_text() for r in range(2)] == ["True", "True"]
+
+
+@pytest.mark.timeout(300)
+def test_nonfinite_gradient_with_finite_losses_stops_every_rank(tmp_path: Path, tiny_scenario: Path) -> None:
+    """Guards against a non-finite gradient (finite loss terms, so the loss check passes) going unnoticed into
+    the weights the run goes on with: every rank stops at that step, saying that the weights are spoilt."""
+    spawn(_worker, 2, str(tiny_scenario), str(tmp_path), "grad")
+    messages = [(tmp_path / f"error-rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"phase 1 epoch 1 step {BAD_STEP}: the gradient norm is nan although every loss")
+    assert "Resume from the last checkpoint" in messages[0]
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_collapse_is_chance_level():
