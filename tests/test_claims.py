@@ -71,20 +71,32 @@ def test_claims_do_not_apply_where_nothing_promotes():
 
 
 def test_sweep_table_compares_each_value_with_the_default_by_order():
-    """Guards against a sweep verdict taken from unpaired means or from the student, and against a value
-    called better when its interval straddles zero."""
+    """Guards against a sweep verdict taken from unpaired means or from the student, against a value called
+    better when its interval straddles zero, and against a family-wise verdict that ignores how many values
+    were swept."""
+    from scipy.stats import t
+
     from iil_dist.report.report import sweep_markdown
 
-    runs = _study(dbd=[(20.0, 4.0), (24.0, 4.0), (22.0, 6.0)])  # objective 16, 20, 16
-    # +1 point on every order: resolved although the orders differ by 4 points
-    runs += [_run("dbd+method.sigma=2", k, pp + 1.0, f, student_pp=0.0) for k, (pp, f) in enumerate(
-        [(20.0, 4.0), (24.0, 4.0), (22.0, 6.0)])]  # fmt: skip
+    base = [(20.0, 4.0), (24.0, 4.0), (22.0, 6.0)]  # objective 16, 20, 16
+    runs = _study(dbd=base)
+    # +1 point on every order: resolved although the orders differ by 4 points, at any confidence
+    runs += [_run("dbd+method.sigma=2", k, pp + 1.0, f, student_pp=0.0) for k, (pp, f) in enumerate(base)]
     runs += [
-        _run("dbd+method.sigma=0.5", k, pp, f) for k, (pp, f) in enumerate([(20.0, 5.0), (24.0, 5.5), (22.0, 7.2)])
+        _run("dbd+method.sigma=0.5", k, pp, f) for k, (pp, f) in enumerate([(20.0, 6.0), (24.0, 6.1), (22.0, 7.9)])
     ]
     runs += [_run("dbd+method.ema_alpha=0.8", k, pp, f) for k, (pp, f) in enumerate([(23.0, 4.0), (21.0, 4.0)])]
-    rows = {line.split(" | ")[0].strip("| "): line for line in sweep_markdown(runs) if line.startswith("| dbd+")}
-    assert rows["dbd+method.sigma=2"].endswith("| +1.00 ± 0.00 | 3 | better |")
-    assert rows["dbd+method.sigma=0.5"].endswith("| 3 | worse |")
-    assert rows["dbd+method.ema_alpha=0.8"].endswith("| +0.00 ± 38.12 | 2 | not resolved |")
+    # +1, +1.5, +2: better at 95% (half-width 1.24), not once widened for the 4 values swept around dbd
+    runs += [
+        _run("dbd+method.freeze_epochs=15", k, pp + d, f)
+        for k, ((pp, f), d) in enumerate(zip(base, [1, 1.5, 2], strict=True))
+    ]
+    lines = sweep_markdown(runs)
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| dbd+")}
+    assert rows["dbd+method.sigma=2"].endswith("| +1.00 ± 0.00 | 3 | better | better |")
+    assert rows["dbd+method.sigma=0.5"].endswith("| 3 | worse | worse |")
+    assert rows["dbd+method.ema_alpha=0.8"].endswith("| +0.00 ± 38.12 | 2 | not resolved | not resolved |")
+    assert rows["dbd+method.freeze_epochs=15"].endswith("| +1.50 ± 1.24 | 3 | better | not resolved |")
+    assert 0.5 * t.ppf(1 - 0.05 / 8, 2) / 3**0.5 > 1.5  # the family-wise half-width the row was judged by
+    assert any("Bonferroni: 98.75% for 4" in line for line in lines)
     assert sweep_markdown(_study(dbd=[(20.0, 4.0)])) == []

@@ -183,9 +183,12 @@ def _markdown(name: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]])
 
 def sweep_markdown(runs: list[dict[str, Any]]) -> list[str]:
     """For a one-at-a-time sweep (variants named "VARIANT+FIELD=VALUE"): each value against the variant's
-    default on the objective PP_T - F_T of the deployed teacher, paired by order, mean ± 95% CI. A value
-    is "better" or "worse" only when its interval excludes 0; the rule for picking defaults from it is to
-    keep the default unless a value is better."""
+    default on the objective PP_T - F_T of the deployed teacher, paired by order.
+
+    Two verdicts per value: with the 95% interval of that comparison alone, and family-wise, with the
+    Bonferroni interval at 1 - 0.05/k for the k values swept around the same default (with k comparisons at
+    95% each, about 0.05 k "better" or "worse" verdicts come by chance alone). A value replaces a default
+    only where the family-wise verdict is "better"."""
     swept = sorted({(r["variant"], r["num_phases"]) for r in runs if "+" in r["variant"]})
     if not swept:
         return []
@@ -194,11 +197,20 @@ def sweep_markdown(runs: list[dict[str, Any]]) -> list[str]:
         return {r["order"]: r["phases"][T]["teacher"]["pp"] - r["phases"][T]["teacher"]["f"]
                 for r in runs if r["variant"] == variant and r["num_phases"] == T}  # fmt: skip
 
+    def verdict(diff: float, half: float) -> str:
+        return "not resolved" if math.isnan(half) or abs(diff) <= half else "better" if diff > 0 else "worse"
+
+    family = {key: sum(1 for v, T in swept if (v.split("+")[0], T) == key) for key in
+              {(v.split("+")[0], T) for v, T in swept}}  # fmt: skip
+    k = max(family.values())
     lines = ["## Sweep", "",
              "Objective: PP_T − F_T of the deployed teacher after the last phase, in points. Each swept value "
-             "against the default, paired over the data orders both ran (mean ± 95% CI of the difference). "
-             "Rule: keep the default unless a value is better with an interval that excludes 0.", "",
-             "| variant | T | objective | vs default | n | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "against the default, paired over the data orders both ran: mean ± 95% CI of the difference and "
+             "its verdict, then the family-wise verdict, whose interval is widened for the number of values "
+             f"swept around the same default (Bonferroni: {100 * (1 - 0.05 / k):.2f}% for {k}). Rule: a value "
+             "replaces the default only where the family-wise verdict is better.", "",
+             "| variant | T | objective | vs default | n | verdict | family-wise |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for variant, T in swept:
         default = objective(variant.split("+")[0], T)
         value = objective(variant, T)
@@ -206,12 +218,14 @@ def sweep_markdown(runs: list[dict[str, Any]]) -> list[str]:
         mean, ci = t_interval(list(value.values()))
         own = f"{mean:+.2f}" + ("" if math.isnan(ci) else f" ± {ci:.2f}")
         if not orders:
-            lines.append(f"| {variant} | {T} | {own} | (the default did not run) | 0 | not resolved |")
+            lines.append(f"| {variant} | {T} | {own} | (the default did not run) | 0 | not resolved | not resolved |")
             continue
-        diff, half = t_interval([value[o] - default[o] for o in orders])
-        verdict = "not resolved" if math.isnan(half) or abs(diff) <= half else "better" if diff > 0 else "worse"
+        diffs = [value[o] - default[o] for o in orders]
+        diff, half = t_interval(diffs)
+        _, wide = t_interval(diffs, 1 - 0.05 / family[(variant.split("+")[0], T)])
         spread = "" if math.isnan(half) else f" ± {half:.2f}"
-        lines.append(f"| {variant} | {T} | {own} | {diff:+.2f}{spread} | {len(orders)} | {verdict} |")
+        lines.append(f"| {variant} | {T} | {own} | {diff:+.2f}{spread} | {len(orders)} | {verdict(diff, half)} | "
+                     f"{verdict(diff, wide)} |")  # fmt: skip
     return [*lines, ""]
 
 
