@@ -115,6 +115,12 @@ def _plot_phases(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     plt.close(fig)
 
 
+def _short(variant: str) -> str:
+    """A sweep variant's label without the field's section: "dbd+method.sigma=2" -> "dbd+sigma=2"."""
+    base, plus, change = variant.partition("+")
+    return f"{base}{plus}{change.split('=')[0].rsplit('.', 1)[-1]}={change.partition('=')[2]}" if plus else variant
+
+
 def _plot_final(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     import matplotlib
 
@@ -124,7 +130,8 @@ def _plot_final(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     final = [r for r in rows if r["phase"] == r["num_phases"]]
     counts = {r["num_phases"] for r in final}
     # the number of phases goes into the labels only when the bars differ in it
-    labels = [r["variant"] if len(counts) == 1 else f"{r['variant']}\n(T={r['num_phases']})" for r in final]
+    names = [_short(r["variant"]) for r in final]
+    labels = [n if len(counts) == 1 else f"{n}\n(T={r['num_phases']})" for n, r in zip(names, final, strict=True)]
     crowded = len(final) > 6  # a sweep: widen the figure and slant the labels so they stay readable
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(final)), 4.5 if crowded else 4), constrained_layout=True)
     for ax, metric, title in zip(axes, ("pp", "f"), ("PP_T (higher is better)", "F_T (lower is better)"), strict=True):
