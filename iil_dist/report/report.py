@@ -87,7 +87,11 @@ def _plot_phases(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True, layout="constrained")
-    for (label, series), color in zip(_series(rows).items(), plt.cm.tab10.colors * 3, strict=False):
+    by = _series(rows)
+    many = len(by) > 10  # a sweep: twenty colours, so no two lines share one, and fainter bands
+    colors = plt.cm.tab20.colors if many else plt.cm.tab10.colors
+    for (label, series), color in zip(by.items(), colors * 3, strict=False):
+        label = _short(label)
         phases = [r["phase"] for r in series]
         for i, metric in enumerate(("pp", "f")):
             for j, model in enumerate(MODELS):
@@ -98,7 +102,7 @@ def _plot_phases(rows: list[dict[str, Any]], path: Path, name: str) -> None:
                 if not any(math.isnan(c) for c in ci):
                     low = [m - c for m, c in zip(mean, ci, strict=True)]
                     high = [m + c for m, c in zip(mean, ci, strict=True)]
-                    ax.fill_between(phases, low, high, color=color, alpha=0.15)
+                    ax.fill_between(phases, low, high, color=color, alpha=0.06 if many else 0.15)
     for i, label in enumerate(("performance promotion PP_t", "forgetting F_t")):
         for j, model in enumerate(MODELS):
             ax = axes[i][j]
