@@ -143,6 +143,10 @@ def system_run(args: argparse.Namespace, scenario: Path, workers: int) -> dict:
     return {"workers": workers, **{k: phase[k] for k in ("img_per_s", "train_s", "step_ms")}}
 
 
+def _wait(step_ms: dict[str, float]) -> float:
+    return step_ms.get("data", 0.0) + step_ms.get("data_epoch_start", 0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=6000, help="synthetic source images (100 classes)")
@@ -179,8 +183,11 @@ def main() -> None:
         # data: what one reader process supplies over what one worker's steps consume, and the steps' wait
         "reader_img_per_s": reader["img_per_s"],
         "ratio_reader_to_consumption": round(reader["img_per_s"] / one["img_per_s"], 3),
-        "data_wait_share": {f"{r['workers']}w": round(r["step_ms"]["data"] / sum(r["step_ms"].values()), 4)
+        # waiting for batches: in steady state, and for each epoch's first (loader start, shuffle buffer fill)
+        "data_wait_share": {f"{r['workers']}w": round(_wait(r["step_ms"]) / sum(r["step_ms"].values()), 4)
                             for r in systems},
+        "epoch_start_share": {f"{r['workers']}w": round(r["step_ms"].get("data_epoch_start", 0.0)
+                                                         / sum(r["step_ms"].values()), 4) for r in systems},
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -193,7 +200,8 @@ def main() -> None:
     print(f"1 worker / plain loop: {report['ratio_1_worker_to_plain']}   2 workers / 1 worker: "
           f"{report['ratio_2_workers_to_1']}")  # fmt: skip
     print(f"reader alone {reader['img_per_s']} img/s per process = {report['ratio_reader_to_consumption']}x what "
-          f"one worker consumes; data wait {report['data_wait_share']} of step time   -> {args.out}")  # fmt: skip
+          f"one worker consumes; data wait {report['data_wait_share']} of step time, of which epoch starts "
+          f"{report['epoch_start_share']}   -> {args.out}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -220,8 +220,9 @@ class TrackingConfig:
     print_every: int = _f(100, "steps between console progress lines; a multiple of tracking.log_every", ge=1)
     step_timing: bool = _f(
         False,
-        "time the sections of every training step (data, teacher forward, student forward, backward, optimizer, "
-        "consolidation, logging, checkpoint) into results.json step_ms; synchronises the GPU at each section",
+        "time the sections of every training step (data, data_epoch_start: the first batch of an epoch, teacher "
+        "forward, student forward, backward, optimizer, consolidation, logging, checkpoint) into results.json "
+        "step_ms; synchronises the GPU at each section",
     )
     init_timeout_s: float = _f(
         30.0, "online mode: seconds to wait for the wandb server before logging offline instead (with a warning)", gt=0

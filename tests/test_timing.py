@@ -33,7 +33,7 @@ def test_step_sections_add_up_to_the_phase_time(tmp_path: Path, tiny_scenario: P
     steps = [p["global_step"] for p in results["phases"]]
     for t, done, before in zip(timing, steps, [0, *steps], strict=False):
         sections = set(t["step_ms"])
-        assert {"data", "student_forward", "backward", "optimizer", "logging"} <= sections
+        assert {"data_epoch_start", "data", "student_forward", "backward", "optimizer", "logging"} <= sections
         assert ("teacher_forward" in sections) == (t["phase"] > 0)
         assert ("consolidation" in sections) == (t["phase"] > 0)  # KC-EMA from epoch 2 (SHORT)
         assert all(v > 0 for v in t["step_ms"].values())

@@ -379,6 +379,7 @@ class PhaseRunner:
             timer.start()
             target = TimedTarget(target, timer)
         wait_start = time.perf_counter()
+        first = True  # the first batch's wait holds the reader's start: loader processes, shuffle buffer fill
         for images, labels, _ in batches:
             if bad:
                 self._note_bad(bad)
@@ -392,8 +393,9 @@ class PhaseRunner:
             wait_s = time.perf_counter() - wait_start
             self._trained_samples += len(labels)
             if timer:
-                timer.mark("data")
+                timer.mark("data_epoch_start" if first else "data")
                 timer.steps += 1
+            first = False
 
             # losses: targets from the frozen teacher (or phase-start copy), student forward
             with self._autocast():
