@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from iil_dist.data import shards
@@ -72,14 +73,14 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _samples(scenario: Path, split: str) -> list[dict[str, bytes]]:
-    out = []
+    """A split's samples in position order (their keys' order), whatever shards store them in."""
+    members: dict[str, bytes] = {}
     manifest = read_manifest(scenario)
     for shard in manifest["splits"][split]["shards"]:
         with tarfile.open(scenario / shard["file"]) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        keys = sorted({name.split(".")[0] for name in members})
-        out += [{n.split(".")[1]: v for n, v in members.items() if n.split(".")[0] == k} for k in keys]
-    return out
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    keys = sorted({name.split(".")[0] for name in members})
+    return [{n.split(".")[1]: v for n, v in members.items() if n.split(".")[0] == k} for k in keys]
 
 
 def test_cifar100_official_splits_and_pixels(tmp_path, cifar_tarball):
@@ -314,3 +315,57 @@ def test_arrays_source_is_read_memory_mapped_and_checked(tmp_path):
     (folder / "labels.npy").unlink()
     with pytest.raises(ValueError, match=r"labels\.npy is missing"):
         load_source("arrays", str(folder))
+
+
+def test_shards_of_a_class_sorted_source_hold_mixed_classes(tmp_path):
+    """Guards against shards written in the source's order: an ImageFolder lists its images class by class,
+    so such shards hold one class each and a stream through them trains on batches of one or two classes.
+    The storage order must not change what a position reads: by index, streamed into memory, or evaluated."""
+    from iil_dist.data.reader import InMemorySplit, StreamingSplit, eval_batches
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(400, 8, 8), dtype=np.uint8)
+    labels = np.repeat(np.arange(10), 40)  # class by class, as an ImageFolder lists them
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    np.save(folder / "images.npy", images)
+    np.save(folder / "labels.npy", labels)
+    out = tmp_path / "scenario"
+    manifest = write_scenario(
+        out, source="arrays", source_path=str(folder), num_phases=2, drift="none", image_size=8,
+        samples_per_shard=20, **COMMON,
+    )  # fmt: skip
+    assert manifest["storage"] == "shuffled"
+    for name, entry in manifest["splits"].items():
+        indexed = SplitDataset(out, name, manifest)
+        streamed = StreamingSplit(f"{out}/{{file}}", name, manifest)
+        stream = [sample for shard in range(len(streamed.shards)) for sample in streamed._samples(shard)]
+        # in the shards: a mix of classes in every shard of 20 (in position order each would hold 1 or 2)
+        for shard in range(len(entry["shards"])):
+            shard_labels = {label for _, label, _ in streamed._samples(shard)}
+            assert len(shard_labels) >= 5, (name, shard, shard_labels)
+        # by position: the split's order (sorted source rows, so sorted labels here), the same sample by
+        # index as the key of that position holds, and the same in-memory split from either reader
+        by_key = {int(key.rsplit("-", 1)[1]): (image, label) for image, label, key in stream}
+        assert sorted(by_key) == list(range(len(indexed)))
+        assert [indexed[i][1] for i in range(len(indexed))] == sorted(by_key[i][1] for i in by_key)
+        for i in range(len(indexed)):
+            image, label = indexed[i]
+            assert label == by_key[i][1] and torch.equal(image, by_key[i][0]), (name, i)
+        memory = [InMemorySplit(reader) for reader in (indexed, streamed)]
+        assert torch.equal(memory[0].labels, memory[1].labels)
+        assert all(torch.equal(a, b) for a, b in zip(memory[0].images, memory[1].images, strict=True))
+        # evaluation reads every sample once, whatever order it reads them in
+        batches = [b for r in range(2) for b in eval_batches(indexed, rank=r, world_size=2, batch_size=16)]
+        seen = sorted(image.numpy().tobytes() for x, _, mask in batches for image in x[mask])
+        assert seen == sorted(image.numpy().tobytes() for image, _ in by_key.values())
+
+    # a manifest from before the field was written in position order, and is read so
+    legacy = json.loads((out / "manifest.json").read_text())
+    del legacy["storage"]
+    (out / "manifest.json").write_text(json.dumps(legacy))
+    assert read_manifest(out)["storage"] == "sequential"
+    legacy["storage"] = "random"
+    (out / "manifest.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match=r"manifest\.json: storage is 'random'"):
+        read_manifest(out)

@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from wids.wids import IndexedTarSamples
 
-from iil_dist.data.shards import read_manifest
+from iil_dist.data.shards import read_manifest, storage_order
 
 logger = logging.getLogger(__name__)
 
@@ -137,15 +137,26 @@ class SplitDataset:
         self.image_size = self._decoder.image_size  # 0: the stored sizes vary
         self._max_open_shards = max_open_shards
         self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
+        # where each position is stored (see shards.storage_order); None: in position order
+        self._place: np.ndarray | None = None
+        if self.manifest.get("storage", "sequential") == "shuffled":
+            order = storage_order(int(self.manifest["split_seed"]), split, self._num_samples)
+            self._place = np.empty_like(order)
+            self._place[order] = np.arange(len(order))
 
     def __len__(self) -> int:
         return self._num_samples
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | BadSample:
-        """Sample `i`: uint8 (C, H, W) and its label (or, under on_error="skip", a BadSample)."""
+        """Sample `i` (its position in the split): uint8 (C, H, W) and its label (or, under on_error="skip", a
+        BadSample)."""
         if not -self._num_samples <= i < self._num_samples:
             raise IndexError(f"index {i} out of range for split {self.split!r} of {self._num_samples} samples")
         i %= self._num_samples
+        return self.stored(i if self._place is None else int(self._place[i]))
+
+    def stored(self, i: int) -> tuple[torch.Tensor, int] | BadSample:
+        """The sample at place `i` of the split's shards (shard by shard, member by member)."""
         shard_id = int(np.searchsorted(self._shard_ends, i, side="right"))
         inner = i - (int(self._shard_ends[shard_id - 1]) if shard_id else 0)
         # a shard that cannot be indexed, or holds another count than the manifest says, is always an
@@ -386,7 +397,8 @@ def eval_batches(
         return
     batches = eval_indices(len(dataset), rank=rank, world_size=world_size, batch_size=batch_size)
     index_batches = [indices for indices, _ in batches]
-    view = _Transformed(dataset, transform, None, 0)
+    # evaluation counts each sample once, in whatever order: by place, the shards are read one after another
+    view = _Transformed(_StoredOrder(dataset) if isinstance(dataset, SplitDataset) else dataset, transform, None, 0)
     shape = None
     for (_, mask), (x, y, keep, skipped) in zip(
         batches, _load(view, index_batches, num_workers, pin_memory), strict=True
@@ -397,6 +409,19 @@ def eval_batches(
             yield x, y, torch.from_numpy(mask)[keep]
         else:
             yield _placeholder_batch(shape or _image_shape(dataset, transform))
+
+
+class _StoredOrder:
+    """A SplitDataset indexed by place in its shards rather than by position."""
+
+    def __init__(self, dataset: SplitDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Item:
+        return self.dataset.stored(i)
 
 
 def _collect(bad: list[BadSample] | None, skipped: list[BadSample]) -> None:
@@ -519,6 +544,9 @@ class ConcatSplit:
             yield from (part[i] for i in range(len(part)))
 
 
+_WARNED_SEQUENTIAL: set[str] = set()
+
+
 class StreamingSplit:
     """Split(s) read by streaming whole shards from `url_template.format(file=...)` (see the module doc);
     a list of split names reads them as one."""
@@ -543,6 +571,15 @@ class StreamingSplit:
         self.channels = self._decoder.channels
         self.image_size = self._decoder.image_size
         self.shuffle_buffer = shuffle_buffer
+        self._names = names
+        self._shuffled = manifest.get("storage", "sequential") == "shuffled"
+        if not self._shuffled and url_template not in _WARNED_SEQUENTIAL:
+            _WARNED_SEQUENTIAL.add(url_template)
+            logger.warning(
+                "the shards at %s were written in position order (before shuffled storage): a stream mixes only the "
+                "classes its shuffle buffer holds; prepare the scenario again with --force for shards of mixed "
+                "classes", url_template,
+            )  # fmt: skip
 
     def __len__(self) -> int:
         return self._num_samples
@@ -566,9 +603,20 @@ class StreamingSplit:
             raise ValueError(f"shard {url} holds {count} samples, the manifest says {expected} (truncated?)")
 
     def iter_all(self) -> Iterator[Item]:
-        for shard in range(len(self.shards)):
-            for sample in self._samples(shard):
-                yield sample if isinstance(sample, BadSample) else sample[:2]
+        """Every sample once, in position order (split by split), as SplitDataset.iter_all gives them: shuffled
+        storage is read whole and sorted by the keys' positions, so this is for splits that fit in memory."""
+        samples = (sample for shard in range(len(self.shards)) for sample in self._samples(shard))
+        if not self._shuffled:
+            yield from (sample if isinstance(sample, BadSample) else sample[:2] for sample in samples)
+            return
+
+        def position(sample: tuple[torch.Tensor, int, str] | BadSample) -> tuple[int, int]:
+            split, _, number = (sample.key if isinstance(sample, BadSample) else sample[2]).rpartition("-")
+            known = split in self._names and number.isdigit()
+            return (self._names.index(split), int(number)) if known else (len(self._names), 0)
+
+        for sample in sorted(samples, key=position):
+            yield sample if isinstance(sample, BadSample) else sample[:2]
 
     def _slots(self, world_size: int, num_workers: int) -> int:
         slots = world_size * max(1, num_workers)

@@ -42,6 +42,7 @@ from iil_dist.data.scenario import (
     IDENTITY,
     Drift,
     build_scenario,
+    derived_seed,
     distort,
     drift_params,
     drift_source_positions,
@@ -94,6 +95,19 @@ _SHARD_FIELDS = ("file", "num_samples", "sha256")
 def sample_key(split: str, position: int) -> str:
     """WebDataset key of the sample at `position` within `split`."""
     return f"{split}-{position:06d}"
+
+
+# how a split's samples are laid out in its shards: "shuffled" (written since the field exists) or
+# "sequential" (in position order, what a manifest without the field was written with)
+STORAGE = ("shuffled", "sequential")
+
+
+def storage_order(split_seed: int, split: str, num_samples: int) -> np.ndarray:
+    """The position of the sample stored at each place of a split (places count shard by shard, member by
+    member). A seeded permutation: every shard holds a random mix of the split's classes and drift, so a
+    stream through a few shards is already mixed even where the source lists its images class by class
+    (an ImageFolder). Positions, and so keys, indexed reads and in-memory splits, keep the split's order."""
+    return np.random.default_rng(derived_seed(split_seed, f"storage:{split}")).permutation(num_samples)
 
 
 @dataclass(frozen=True)
@@ -151,7 +165,7 @@ class ShardTask:
 
     path: Path
     split: str
-    first_position: int
+    positions: np.ndarray  # the position in the split of each of the shard's samples, in stored order
     items: Items
     labels: np.ndarray
     params: np.ndarray  # (samples, 3) rows of `drift_params`
@@ -182,7 +196,7 @@ def write_shard(task: ShardTask) -> ShardResult:
                 pixels = np.asarray(Image.open(io.BytesIO(data)).convert(task.opts.mode)).reshape(-1, channels)
                 for c in range(channels):
                     histogram[c] += np.bincount(pixels[:, c], minlength=256)
-            key = sample_key(task.split, task.first_position + row)
+            key = sample_key(task.split, int(task.positions[row]))
             yield key, {"cls": str(int(task.labels[row])).encode("ascii"), ext: data}
 
     _write_tar(task.path, samples())
@@ -298,6 +312,7 @@ def write_scenario(
         "channels": src.channels,
         "normalization": {"mean": mean, "std": std},
         "phases": split_names(num_phases)[1:-1],
+        "storage": "shuffled",
         "splits": splits,
     }
     _write_json_atomic(out_dir / MANIFEST, manifest)
@@ -362,17 +377,18 @@ def _plan_split(
     stats_step = max(1, math.ceil(total / _STATS_SAMPLES))
     split_dir = out_dir / split
     split_dir.mkdir(exist_ok=True)
+    stored = storage_order(args["split_seed"], split, total)
     for shard_id, start in enumerate(range(0, total, per_shard)):
-        stop = min(start + per_shard, total)
-        rows = np.arange(start, stop)
-        stats_rows = rows[rows % stats_step == 0] - start if split == "base" else np.empty(0, dtype=np.int64)
+        here = stored[start : start + per_shard]  # the positions of this shard's samples
+        # the statistics come from the same positions whatever the storage order
+        stats_rows = np.flatnonzero(here % stats_step == 0) if split == "base" else np.empty(0, dtype=np.int64)
         yield ShardTask(
                 path=split_dir / f"{split}-{shard_id:06d}.tar",
                 split=split,
-                first_position=start,
-                items=src.items.subset(source_rows[start:stop]),
-                labels=labels[start:stop],
-                params=params[start:stop],
+                positions=here,
+                items=src.items.subset(source_rows[here]),
+                labels=labels[here],
+                params=params[here],
                 stats_rows=stats_rows,
                 opts=opts,
             )  # fmt: skip
@@ -532,6 +548,9 @@ def read_manifest(scenario_dir: Path) -> dict:
     require(manifest, _TOP_FIELDS, "")
     for name, value in _LATER_ARGS.items():
         manifest.setdefault(name, value)
+    manifest.setdefault("storage", "sequential")
+    if manifest["storage"] not in STORAGE:
+        raise ValueError(f"{path}: storage is {manifest['storage']!r}, expected one of {list(STORAGE)}")
     missing = [name for name in split_names(int(manifest["num_phases"])) if name not in manifest["splits"]]
     if missing:
         raise ValueError(f"{path}: num_phases is {manifest['num_phases']} but split {missing[0]!r} is missing")
