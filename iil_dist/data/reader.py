@@ -721,12 +721,19 @@ class StreamingSplit:
 
         # never wait for more samples than the slot's shards hold or its quota needs
         buffer_size = min(self.shuffle_buffer, quota, slot_samples)
+        # the first batches come from a small buffer, which then grows by one sample per sample given out:
+        # an epoch starts after a few batches' decoding rather than a whole buffer's (the shards themselves
+        # are stored shuffled, so a small buffer is already mixed)
+        initial = min(buffer_size, 4 * batch_size)
 
         def augmented() -> Iterator[tuple[torch.Tensor, int]]:
             buffer: list[tuple[torch.Tensor, int, str]] = []
-            for sample in endless():
+            source = endless()
+            for sample in source:
                 buffer.append(sample)
-                if len(buffer) < buffer_size:
+                if len(buffer) < buffer_size and len(buffer) >= initial:
+                    buffer.append(next(source))
+                if len(buffer) < initial:
                     continue
                 image, label, key = buffer.pop(int(rng.integers(len(buffer))))
                 yield self._augment(image, key, plan, transform), label
