@@ -2,8 +2,9 @@
 and for the DBD step (fused labels + dusted-input distillation from a teacher), and the time of one KC-EMA
 consolidation (`iil_dist.method.ema.consolidate_`) against a bare `torch._foreach_lerp_` over the same
 tensors. One GPU, one process; weights, gradients and optimizer state in fp32, forwards under bf16
-autocast, channels_last (as `dist.precision=bf16`, `dist.channels_last=true` train). Takes about two
-minutes on one H200; where no GPU is present it writes `{"skipped": ...}` and exits 0.
+autocast, channels_last (as `dist.precision=bf16`, `dist.channels_last=true` train). Sized for a couple
+of minutes on one H200 (60 steps of 128 images per model and step kind; not yet timed on one); where no
+GPU is present it writes `{"skipped": ...}` and exits 0.
 
     .venv/bin/python bench/gpu.py                          # writes bench/results/gpu.json
     .venv/bin/python bench/gpu.py --device cpu --side 64 --batch 4 --steps 2 --out /tmp/gpu.json  # smoke run
