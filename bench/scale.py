@@ -6,8 +6,9 @@ Each increment is written as a memory-mapped array source (`data.source=arrays`:
 (test 25%, D(0) 10% of the rest, the phase the other 90%) and `iil-dist train` runs one epoch of D(0) and
 one epoch of the phase (DBD + KC-EMA, 2 workers, shards streamed, in_memory off) with both evaluations,
 as users run them (subprocesses). Peak memory is the resident set of the command's whole process tree
-(the command, prepare's writers, Ray's processes and workers), sampled every 50 ms: flat in N shows that
-nothing holds the increment in memory.
+(the command, prepare's writers, Ray's processes and workers), sampled every 50 ms, and of it the private
+part (resident minus shared: without the pages of the memory-mapped source, which the page cache holds and
+can drop): flat private memory in N shows that nothing holds the increment in memory.
 
     .venv/bin/python bench/scale.py                                  # 10k and 100k -> bench/results/scale.json
     .venv/bin/python bench/scale.py --samples 1000000 --out bench/results/scale-1m.json   # about 15 minutes
@@ -52,30 +53,35 @@ def write_arrays(folder: Path, n: int) -> None:
     np.save(folder / "labels.npy", labels)
 
 
-def _tree_rss(process: psutil.Process) -> int:
-    total = 0
+def _tree_rss(process: psutil.Process) -> tuple[int, int]:
+    """Resident bytes of the process tree, and of them the private ones (resident minus shared: what is
+    not file-backed, such as pages of a memory-mapped source, or shared memory)."""
+    total = private = 0
     for p in [process, *process.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        total += info.rss
+        private += info.rss - info.shared
+    return total, private
 
 
-def run(command: list[str]) -> tuple[float, float]:
-    """Seconds and peak resident MB of `command`'s process tree."""
+def run(command: list[str]) -> tuple[float, float, float]:
+    """Seconds, peak resident MB and peak private MB of `command`'s process tree."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    watched, peak = psutil.Process(proc.pid), 0
+    watched, peak, peak_private = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(watched))
+        rss, private = _tree_rss(watched)
+        peak, peak_private = max(peak, rss), max(peak_private, private)
         time.sleep(0.05)
     if proc.returncode:
         raise RuntimeError(f"{command[3]} failed: {proc.stderr.read()[-3000:]}")
-    return time.perf_counter() - start, peak / 2**20
+    return time.perf_counter() - start, peak / 2**20, peak_private / 2**20
 
 
-def measure(n: int, work: Path) -> dict:
+def measure(n: int, work: Path, prepare_only: bool = False) -> dict:
     source, scenario = work / f"arrays-{n}", work / f"scenario-{n}"
     write_arrays(source, n)
     shutil.rmtree(scenario, ignore_errors=True)
@@ -83,8 +89,18 @@ def measure(n: int, work: Path) -> dict:
         "data.source=arrays", f"data.source_path={source}", f"data.root={scenario}", f"data.image_size={SIDE}",
         "data.drift=none", "data.num_phases=1", "data.base_fraction=0.1", f"data.samples_per_shard={max(100, n // 50)}",
     ]  # fmt: skip
-    prepare_s, prepare_mb = run([sys.executable, "-m", "iil_dist", "prepare", str(CONFIG), *common])
+    prepare_s, prepare_mb, prepare_private = run([sys.executable, "-m", "iil_dist", "prepare", str(CONFIG), *common])
     manifest = json.loads((scenario / "manifest.json").read_text())
+    row = {
+        "samples": n,
+        "prepare_s": round(prepare_s, 1),
+        "prepare_us_per_sample": round(1e6 * prepare_s / n, 1),
+        "prepare_peak_mb": round(prepare_mb),
+        "prepare_peak_private_mb": round(prepare_private),
+        "shards": sum(len(e["shards"]) for e in manifest["splits"].values()),
+    }
+    if prepare_only:
+        return row
     runs = work / "runs"
     train = [
         *common, f"run_root={runs}", f"name=scale-{n}", "optim.base_epochs=1", "optim.epochs_per_phase=1",
@@ -92,21 +108,18 @@ def measure(n: int, work: Path) -> dict:
         "data.in_memory=false", "tracking.wandb_mode=offline", "tracking.log_every=50", "tracking.print_every=1000",
         "checkpoint.every_epochs=0",
     ]  # fmt: skip
-    train_s, train_mb = run([sys.executable, "-m", "iil_dist", "train", str(CONFIG), *train])
+    train_s, train_mb, train_private = run([sys.executable, "-m", "iil_dist", "train", str(CONFIG), *train])
     results = json.loads((runs / f"scale-{n}" / "results.json").read_text())
     phase = next(t for t in results["timing"] if t["phase"] == 1)
     phase_samples = manifest["splits"]["phase-01"]["num_samples"]
     return {
-        "samples": n,
-        "prepare_s": round(prepare_s, 1),
-        "prepare_us_per_sample": round(1e6 * prepare_s / n, 1),
-        "prepare_peak_mb": round(prepare_mb),
-        "shards": sum(len(e["shards"]) for e in manifest["splits"].values()),
+        **row,
         "train_s": round(train_s, 1),
         "phase_samples": phase_samples,
         "phase_epoch_s": phase["train_s"],
         "phase_us_per_sample": round(1e6 * phase["train_s"] / phase_samples, 1),
         "train_peak_mb": round(train_mb),
+        "train_peak_private_mb": round(train_private),
     }
 
 
@@ -115,18 +128,22 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/iil-bench-scale"))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
+    parser.add_argument("--prepare-only", action="store_true", help="measure prepare only, no training epoch")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     rows = []
     for n in args.samples:
-        rows.append(measure(n, args.work))
+        rows.append(measure(n, args.work, args.prepare_only))
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "image_side": SIDE, "rows": rows}, indent=2) + "\n")
-    print(f"{'samples':>9} {'prepare us/sample':>18} {'prepare MB':>11} {'epoch us/sample':>16} {'train MB':>9}")
+    print(f"{'samples':>9} {'prepare us/sample':>18} {'prepare MB (private)':>21} {'epoch us/sample':>16} "
+          f"{'train MB (private)':>19}")  # fmt: skip
     for r in rows:
-        print(f"{r['samples']:>9} {r['prepare_us_per_sample']:>18} {r['prepare_peak_mb']:>11} "
-              f"{r['phase_us_per_sample']:>16} {r['train_peak_mb']:>9}")  # fmt: skip
+        prepare = f"{r['prepare_peak_mb']} ({r['prepare_peak_private_mb']})"
+        train = f"{r['train_peak_mb']} ({r['train_peak_private_mb']})" if "train_peak_mb" in r else "-"
+        print(f"{r['samples']:>9} {r['prepare_us_per_sample']:>18} {prepare:>21} "
+              f"{r.get('phase_us_per_sample', '-'):>16} {train:>19}")  # fmt: skip
     print(f"written to {args.out}")
 
 
