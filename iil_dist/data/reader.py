@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from wids.wids import IndexedTarSamples
 
-from iil_dist.data.shards import read_manifest, storage_order
+from iil_dist.data.shards import key_position, read_manifest, storage_order
 
 logger = logging.getLogger(__name__)
 
@@ -611,9 +611,9 @@ class StreamingSplit:
             return
 
         def position(sample: tuple[torch.Tensor, int, str] | BadSample) -> tuple[int, int]:
-            split, _, number = (sample.key if isinstance(sample, BadSample) else sample[2]).rpartition("-")
-            known = split in self._names and number.isdigit()
-            return (self._names.index(split), int(number)) if known else (len(self._names), 0)
+            named = key_position(sample.key if isinstance(sample, BadSample) else sample[2])
+            known = named is not None and named[0] in self._names
+            return (self._names.index(named[0]), named[1]) if known else (len(self._names), 0)
 
         for sample in sorted(samples, key=position):
             yield sample if isinstance(sample, BadSample) else sample[:2]

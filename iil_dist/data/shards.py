@@ -97,6 +97,12 @@ def sample_key(split: str, position: int) -> str:
     return f"{split}-{position:06d}"
 
 
+def key_position(key: str) -> tuple[str, int] | None:
+    """The split and position a `sample_key` names; None for a key of another form."""
+    split, _, number = key.rpartition("-")
+    return (split, int(number)) if split and number.isdigit() else None
+
+
 # how a split's samples are laid out in its shards: "shuffled" (written since the field exists) or
 # "sequential" (in position order, what a manifest without the field was written with)
 STORAGE = ("shuffled", "sequential")

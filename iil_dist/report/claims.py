@@ -68,11 +68,12 @@ def _finals(runs: list[dict[str, Any]], variant: str, model: str, metric: str, n
             if r["variant"] == variant and r["num_phases"] == num_phases}  # fmt: skip
 
 
-def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int] | None:
+def paired(a: dict[int, float], b: dict[int, float], confidence: float = 0.95) -> tuple[float, float, int] | None:
+    """Mean and `confidence` half-width of a - b over the orders both have, and their number (None: none)."""
     orders = sorted(set(a) & set(b))
     if not orders:
         return None
-    mean, ci = t_interval([a[o] - b[o] for o in orders])
+    mean, ci = t_interval([a[o] - b[o] for o in orders], confidence)
     return mean, ci, len(orders)
 
 
@@ -97,10 +98,10 @@ def _weak(mean: float, ci: float) -> str:
 def _much_lower(runs: list[dict[str, Any]], variant: str, model: str, T: int) -> Comparison | None:
     """F_T of fine-tuning minus F_T of `variant`: lower by a resolved margin, and at most half of it."""
     lower, finetune = _finals(runs, variant, model, "f", T), _finals(runs, "finetune", "teacher", "f", T)
-    paired = _paired(finetune, lower)
-    if paired is None:
+    difference = paired(finetune, lower)
+    if difference is None:
         return None
-    mean, ci, n = paired
+    mean, ci, n = difference
     verdict = _strict(mean, ci)
     orders = sorted(set(lower) & set(finetune))
     share = sum(lower[o] for o in orders) / max(sum(finetune[o] for o in orders), 1e-9)
@@ -133,8 +134,8 @@ def check_claims(runs: list[dict[str, Any]], num_phases: int | None = None) -> l
     best = max(means, default=0.0)
 
     def compare(text: str, a: dict[int, float], b: dict[int, float], rule: Any) -> list[Comparison]:
-        paired = _paired(a, b)
-        return [] if paired is None else [Comparison(text, *paired[:2], paired[2], rule(*paired[:2]))]
+        difference = paired(a, b)
+        return [] if difference is None else [Comparison(text, *difference[:2], difference[2], rule(*difference[:2]))]
 
     one = []
     for other, model in (("finetune", "teacher"), ("lwf", "teacher"), ("dbd", "student")):
@@ -164,9 +165,9 @@ def check_claims(runs: list[dict[str, Any]], num_phases: int | None = None) -> l
     phase_counts = sorted({r["num_phases"] for r in runs if r["variant"] == "dbd"})
     if len(phase_counts) > 1:
         few, many = phase_counts[0], phase_counts[-1]
-        paired = _paired(pp("dbd", at=many), pp("dbd", at=few))
-        if paired is not None:
-            mean, ci, n = paired
+        difference = paired(pp("dbd", at=many), pp("dbd", at=few))
+        if difference is not None:
+            mean, ci, n = difference
             low, high = _bounds(mean, ci)
             verdict = OPEN if math.isnan(ci) else HOLDS if -SAME_PP <= low and high <= SAME_PP else (
                 FAILS if high < -SAME_PP or low > SAME_PP else OPEN)  # fmt: skip

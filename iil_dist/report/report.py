@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from iil_dist.report.claims import claims_markdown
+from iil_dist.report.claims import claims_markdown, paired
 from iil_dist.report.study import MODELS, summarize, t_interval
 
 # the variant a run's config describes: baselines by name, DBD by its switches (METHOD.md §5)
@@ -122,7 +123,10 @@ def _plot_phases(rows: list[dict[str, Any]], path: Path, name: str) -> None:
 def _short(variant: str) -> str:
     """A sweep variant's label without the field's section: "dbd+method.sigma=2" -> "dbd+sigma=2"."""
     base, plus, change = variant.partition("+")
-    return f"{base}{plus}{change.split('=')[0].rsplit('.', 1)[-1]}={change.partition('=')[2]}" if plus else variant
+    if not plus:
+        return variant
+    field, _, value = change.partition("=")
+    return f"{base}+{field.rsplit('.', 1)[-1]}={value}"
 
 
 def _plot_final(rows: list[dict[str, Any]], path: Path, name: str) -> None:
@@ -211,8 +215,7 @@ def sweep_markdown(runs: list[dict[str, Any]]) -> list[str]:
     def verdict(diff: float, half: float) -> str:
         return "not resolved" if math.isnan(half) or abs(diff) <= half else "better" if diff > 0 else "worse"
 
-    family = {key: sum(1 for v, T in swept if (v.split("+")[0], T) == key) for key in
-              {(v.split("+")[0], T) for v, T in swept}}  # fmt: skip
+    family = Counter((v.split("+")[0], T) for v, T in swept)  # values swept around each default
     k = max(family.values())
     lines = ["## Sweep", "",
              "Objective: PP_T − F_T of the deployed teacher after the last phase, in points. Each swept value "
@@ -223,19 +226,17 @@ def sweep_markdown(runs: list[dict[str, Any]]) -> list[str]:
              "| variant | T | objective | vs default | n | verdict | family-wise |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for variant, T in swept:
-        default = objective(variant.split("+")[0], T)
-        value = objective(variant, T)
-        orders = sorted(set(default) & set(value))
+        base = variant.split("+")[0]
+        default, value = objective(base, T), objective(variant, T)
         mean, ci = t_interval(list(value.values()))
-        own = f"{mean:+.2f}" + ("" if math.isnan(ci) else f" ± {ci:.2f}")
-        if not orders:
+        own = _cell({"mean": mean, "ci": ci})
+        alone = paired(value, default)
+        if alone is None:
             lines.append(f"| {variant} | {T} | {own} | (the default did not run) | 0 | not resolved | not resolved |")
             continue
-        diffs = [value[o] - default[o] for o in orders]
-        diff, half = t_interval(diffs)
-        _, wide = t_interval(diffs, 1 - 0.05 / family[(variant.split("+")[0], T)])
-        spread = "" if math.isnan(half) else f" ± {half:.2f}"
-        lines.append(f"| {variant} | {T} | {own} | {diff:+.2f}{spread} | {len(orders)} | {verdict(diff, half)} | "
+        diff, half, n = alone
+        _, wide, _ = paired(value, default, 1 - 0.05 / family[(base, T)])
+        lines.append(f"| {variant} | {T} | {own} | {_cell({'mean': diff, 'ci': half})} | {n} | {verdict(diff, half)} | "
                      f"{verdict(diff, wide)} |")  # fmt: skip
     return [*lines, ""]
 
